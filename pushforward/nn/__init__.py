@@ -1,0 +1,5 @@
+"""Conditioner networks: MLP (and, as families land, MADE, ResNet, ConvNet)."""
+
+from .mlp import MLP
+
+__all__ = ["MLP"]
