@@ -20,6 +20,7 @@ Contract for implementers:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -36,6 +37,8 @@ __all__ = [
     "check_event",
     "check_context",
     "check_finite",
+    "check_features",
+    "check_positive_int",
     "shape_str",
 ]
 
@@ -107,6 +110,30 @@ def check_context(
         ) from None
 
 
+_SPATIAL = {2: ("length",), 3: ("height", "width")}
+
+
+def check_features(x: Tensor, features: int, event_dim: int = 1, name: str = "input") -> None:
+    """Raise :class:`PushforwardError` unless ``x`` is ``(*batch, features, *rest)`` where the
+    event is the last ``event_dim`` dimensions and ``rest`` (images: height, width) is free."""
+    if event_dim == 1:
+        check_event(x, (features,), name)
+        return
+    if not isinstance(x, Tensor):
+        raise PushforwardError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < event_dim + 1 or x.shape[x.dim() - event_dim] != features:
+        rest = _SPATIAL.get(event_dim, ("*",) * (event_dim - 1))
+        expected = shape_str(("batch", features, *rest))
+        raise PushforwardError(f"{name}: expected shape {expected}, got {shape_str(x.shape)}")
+
+
+def check_positive_int(value: int, name: str) -> int:
+    """``value`` as an ``int``; :class:`PushforwardError` unless it is a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise PushforwardError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 class Transform(nn.Module):
     """An invertible, differentiable map from base space to data space.
 
@@ -166,7 +193,9 @@ class Inverse(Transform):
 class Compose(Transform):
     """``x = t_k(... t_1(z))``; log-determinants add.
 
-    .. math:: \\log|\\det J_{t_k \\circ \\dots \\circ t_1}(z)| = \\sum_i \\log|\\det J_{t_i}(z_{i-1})|
+    .. math::
+        \\log|\\det J_{t_k \\circ \\dots \\circ t_1}(z)|
+        = \\sum_i \\log|\\det J_{t_i}(z_{i-1})|
 
     Example:
         >>> from pushforward.transforms.linear import ElementwiseAffine, Permutation

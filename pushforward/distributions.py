@@ -287,8 +287,8 @@ class FlowDistribution(torch.distributions.Distribution):
     def log_prob(self, value: Tensor) -> Tensor:
         return self.flow.log_prob(value, self.context)
 
-    def rsample(self, sample_shape=torch.Size()) -> Tensor:
+    def rsample(self, sample_shape: Sequence[int] = ()) -> Tensor:
         return self.flow.rsample(tuple(sample_shape), self.context)
 
-    def sample(self, sample_shape=torch.Size()) -> Tensor:
+    def sample(self, sample_shape: Sequence[int] = ()) -> Tensor:
         return self.flow.sample(tuple(sample_shape), self.context)

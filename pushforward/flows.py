@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch  # noqa: F401  (used by the doctest above)
 
-from .core import PushforwardError, Transform
+from .core import Compose, PushforwardError, Transform
 from .distributions import Base, DiagNormal, Flow, GaussianMixture, StandardNormal
 
 __all__ = ["build", "names", "describe", "register", "make_base", "Recipe"]
@@ -100,3 +100,93 @@ def make_base(kind: str, features: int, context_features: int = 0) -> Base:
 
 def _flow(base: str, features: int, context_features: int, transform: Transform) -> Flow:
     return Flow(make_base(base, features, context_features), transform, context_features)
+
+
+def _check_positive(name: str, value: int) -> int:
+    if not isinstance(value, int) or value < 1:
+        raise PushforwardError(f"option {name} must be a positive integer, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes. Each returns a Flow; options are keyword-only with their best general defaults.
+
+
+@register("planar", "planar flow (Rezende & Mohamed 2015): K layers x + u h(w^T x + b)")
+def planar(features: int, context_features: int = 0, *, layers: int = 32, base: str = "normal"):
+    from .transforms.planar_radial import Planar
+
+    k = _check_positive("layers", layers)
+    t = Compose(*[Planar(features, context_features) for _ in range(k)])
+    return _flow(base, features, context_features, t)
+
+
+@register("radial", "radial flow (Rezende & Mohamed 2015): K radial contractions/expansions")
+def radial(features: int, context_features: int = 0, *, layers: int = 32, base: str = "normal"):
+    from .transforms.planar_radial import Radial
+
+    k = _check_positive("layers", layers)
+    t = Compose(*[Radial(features, context_features) for _ in range(k)])
+    return _flow(base, features, context_features, t)
+
+
+@register(
+    "householder",
+    "Householder flow (Tomczak & Welling 2016): K reflections of a learnable diagonal Gaussian",
+)
+def householder(
+    features: int, context_features: int = 0, *, layers: int = 8, base: str = "diag-normal"
+):
+    from .transforms.householder import Householder
+
+    k = _check_positive("layers", layers)
+    t = Householder(features, reflections=k, context_features=context_features)
+    return _flow(base, features, context_features, t)
+
+
+@register("affine", "full affine map A z + b of a standard normal (a full-covariance Gaussian)")
+def affine(features: int, context_features: int = 0, *, base: str = "normal"):
+    from .transforms.linear import FullAffine
+
+    return _flow(base, features, context_features, FullAffine(features, context_features))
+
+
+@register("lu", "stack of LU-decomposed linear maps and learnable leaky-ReLU nonlinearities")
+def lu(features: int, context_features: int = 0, *, layers: int = 8, base: str = "normal"):
+    from .transforms.elementwise import LeakyReLU
+    from .transforms.linear import ElementwiseAffine, LULinear
+
+    k = _check_positive("layers", layers)
+    parts: list[Transform] = [ElementwiseAffine(features, context_features)]
+    for _ in range(k):
+        parts += [LULinear(features, context_features), LeakyReLU(0.5, learnable=True)]
+    parts.append(LULinear(features, context_features))
+    return _flow(base, features, context_features, Compose(*parts))
+
+
+@register(
+    "piecewise-linear",
+    "LU mixing + sigmoid -> K-bin monotone piecewise-linear map of [0,1] -> logit, stacked",
+)
+def piecewise_linear(
+    features: int,
+    context_features: int = 0,
+    *,
+    layers: int = 4,
+    bins: int = 16,
+    base: str = "normal",
+):
+    from .transforms.elementwise import Logit, PiecewiseLinear, Sigmoid
+    from .transforms.linear import ElementwiseAffine, LULinear
+
+    k, b = _check_positive("layers", layers), _check_positive("bins", bins)
+    parts: list[Transform] = []
+    for _ in range(k):
+        parts += [
+            LULinear(features, context_features),
+            Sigmoid(),
+            PiecewiseLinear(features, bins=b, context_features=context_features),
+            Logit(),
+        ]
+    parts.append(ElementwiseAffine(features, context_features))
+    return _flow(base, features, context_features, Compose(*parts))

@@ -24,8 +24,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..core import Parameters, PushforwardError, Transform, Transformer, shape_str, sum_event
-from .linear import check_features, check_positive_int
+from ..core import (
+    Parameters,
+    PushforwardError,
+    Transform,
+    Transformer,
+    check_features,
+    check_positive_int,
+    shape_str,
+    sum_event,
+)
 
 __all__ = [
     "log_sigmoid_derivative",

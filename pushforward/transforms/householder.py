@@ -12,8 +12,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..core import Parameters, PushforwardError, Transform, shape_str
-from .linear import check_features, check_positive_int
+from ..core import (
+    Parameters,
+    PushforwardError,
+    Transform,
+    check_features,
+    check_positive_int,
+    shape_str,
+)
 
 __all__ = ["Householder", "householder_apply", "householder_product"]
 

@@ -8,13 +8,20 @@ matrix per context), and the matrix helpers at the top of the module are shared 
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..core import Parameters, PushforwardError, Transform, check_event, shape_str, sum_event
+from ..core import (
+    Parameters,
+    PushforwardError,
+    Transform,
+    check_features,
+    check_positive_int,
+    shape_str,
+    sum_event,
+)
 
 __all__ = [
     "ElementwiseAffine",
@@ -26,29 +33,6 @@ __all__ = [
     "Permutation",
     "ConvexCombinationLinear",
 ]
-
-_SPATIAL = {2: ("length",), 3: ("height", "width")}
-
-
-def check_features(x: Tensor, features: int, event_dim: int = 1, name: str = "input") -> None:
-    """Raise :class:`PushforwardError` unless ``x`` is ``(*batch, features, *rest)`` where the
-    event is the last ``event_dim`` dimensions and ``rest`` (images: height, width) is free."""
-    if event_dim == 1:
-        check_event(x, (features,), name)
-        return
-    if not isinstance(x, Tensor):
-        raise PushforwardError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < event_dim + 1 or x.shape[x.dim() - event_dim] != features:
-        rest = _SPATIAL.get(event_dim, ("*",) * (event_dim - 1))
-        expected = shape_str(("batch", features, *rest))
-        raise PushforwardError(f"{name}: expected shape {expected}, got {shape_str(x.shape)}")
-
-
-def check_positive_int(value: int, name: str) -> int:
-    """``value`` as an ``int``; :class:`PushforwardError` unless it is a positive integer."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise PushforwardError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _batch_ladj(value: Tensor, x: Tensor, event_dim: int) -> Tensor:

@@ -17,9 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..core import Parameters, PushforwardError, Transform, check_event, check_finite
+from ..core import (
+    Parameters,
+    PushforwardError,
+    Transform,
+    check_event,
+    check_finite,
+    check_positive_int,
+)
 from ..numerics import implicit_step, monotone_solve, safe_norm
-from .linear import check_positive_int
 
 __all__ = ["Planar", "Radial"]
 
