@@ -11,6 +11,7 @@ from pushforward.core import Transform
 from pushforward.transforms.householder import Householder
 from pushforward.transforms.linear import (
     ActNorm,
+    BatchNorm,
     ConvexCombinationLinear,
     ElementwiseAffine,
     FullAffine,
@@ -87,6 +88,9 @@ CASES: list[Case] = [
     Case("actnorm_2", lambda: ActNorm(2), (2,)),
     Case("actnorm_5", lambda: ActNorm(5), (5,)),
     Case("actnorm_image", lambda: ActNorm(3, event_dim=3), (3, 4, 4)),
+    Case("batchnorm_1", lambda: BatchNorm(1), (1,)),
+    Case("batchnorm_2", lambda: BatchNorm(2), (2,)),
+    Case("batchnorm_5", lambda: BatchNorm(5), (5,)),
     Case("standardization_1", lambda: _standardization([2.0], [3.0]), (1,)),
     Case("standardization_2", lambda: _standardization([2.0, -1.0], [0.5, 3.0]), (2,)),
     Case(

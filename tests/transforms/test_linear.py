@@ -280,3 +280,21 @@ def test_docstring_examples_run():
     for module in (linear_module, householder_module):
         result = doctest.testmod(module, extraglobs={"torch": torch}, report=False)
         assert result.attempted > 0 and result.failed == 0, f"{module.__name__}: {result}"
+
+
+def test_batchnorm_training_uses_batch_statistics_and_eval_the_running_ones() -> None:
+    from pushforward.transforms.linear import BatchNorm
+
+    torch.manual_seed(0)
+    t = BatchNorm(3, momentum=1.0)
+    x = 4.0 + 3.0 * torch.randn(512, 3)
+    z, ladj = t.inverse(x)  # training mode
+    assert torch.allclose(z.mean(0), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(z.std(0, unbiased=False), torch.ones(3), atol=1e-3)
+    expected = -0.5 * torch.log(x.var(0, unbiased=False) + t.eps).sum()
+    assert torch.allclose(ladj, expected.expand(512), atol=1e-5)
+    t.eval()  # momentum 1: the running statistics are those of the last batch
+    z2, _ = t.inverse(x)
+    assert torch.allclose(z2, z, atol=1e-5)
+    x2, _ = t(z2)
+    assert torch.allclose(x2, x, atol=1e-4)
