@@ -1,0 +1,700 @@
+"""The ``pushforward`` command: fit, evaluate, sample and plot flows from the shell.
+
+::
+
+    pushforward fit DATA [--flow NAME] [--layers K] [--hidden 512,512] [--bins B]
+                         [--epochs N] [--max-time SECONDS] [--batch-size B]
+                         [--lr LR] [--seed S] [--out DIR] [--force] [--json] [--key K]
+    pushforward eval MODEL_DIR DATA [--json] [--key K]
+    pushforward sample MODEL_DIR -n N --out FILE.npy [--seed S] [--force]
+    pushforward plot MODEL_DIR [--out DIR]
+    pushforward flows
+    pushforward fit-target U1|U2|U3|U4 [--flow planar] [--layers K] [--steps N]
+                         [--max-time S] [--lr LR] [--seed S] [--out DIR] [--force] [--json]
+
+``DATA`` is a built-in name (``fit`` uses its training split, ``eval`` its test split) or a
+``.npy``/``.npz``/``.csv`` file (see :func:`pushforward.data.load`). Log-likelihoods are mean
+nats per example in the units of the data as given (the standardisation fitted on the training
+data is part of the saved model). ``bits_per_dim`` is ``-log_likelihood / (features * ln 2)``:
+for continuous data this is a *differential* quantity (it can be negative), not a code length.
+
+Every error is one line ``pushforward: error: ...`` on stderr with exit status 1 (argparse
+usage errors: status 2); set ``PUSHFORWARD_DEBUG=1`` to see the traceback of an internal error.
+Nothing already saved is overwritten without ``--force``, and no file is left half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io as _bytes_io
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .core import PushforwardError
+
+__all__ = ["main", "build_parser", "default_flow", "DEFAULT_FLOW", "EVAL_BATCH"]
+
+#: the flow ``fit`` uses without ``--flow`` (the best general tabular density estimator)
+DEFAULT_FLOW = "maf"
+#: tried in order when :data:`DEFAULT_FLOW` is not registered
+_FALLBACK_FLOWS = ("nsf", "realnvp", "lu", "piecewise-linear", "affine")
+#: the default flow of ``fit-target``
+DEFAULT_TARGET_FLOW = "planar"
+#: rows per batch when evaluating or sampling (bounds memory)
+EVAL_BATCH = 4096
+#: fraction of the training rows held out for validation when the data has no valid split
+VALID_FRACTION = 0.1
+#: at most this many rows are drawn in the data plots
+PLOT_POINTS = 5000
+
+
+def default_flow() -> str:
+    """:data:`DEFAULT_FLOW` if registered, else the first registered of the fallbacks."""
+    from . import flows
+
+    registered = flows.names()
+    for name in (DEFAULT_FLOW, *_FALLBACK_FLOWS):
+        if name in registered:
+            return name
+    if not registered:
+        raise PushforwardError("no flow is registered")
+    return registered[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# argument parsing
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _hidden(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or any(w < 1 for w in widths):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive widths like 512,512, got {text!r}"
+        )
+    return widths
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"seed must be in [0, 2**32), got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``pushforward`` command."""
+    parser = argparse.ArgumentParser(
+        prog="pushforward",
+        description="Normalizing flows: fit a density to data, evaluate, sample and plot it.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("fit", help="fit a flow to data and save it")
+    p.add_argument("data", metavar="DATA", help="built-in name or .npy/.npz/.csv file")
+    p.add_argument("--flow", metavar="NAME", help="registered flow (see `pushforward flows`)")
+    p.add_argument("--layers", type=_positive_int, metavar="K", help="number of flow layers")
+    p.add_argument(
+        "--hidden", type=_hidden, metavar="W,W", help="conditioner hidden widths, e.g. 512,512"
+    )
+    p.add_argument("--bins", type=_positive_int, metavar="B", help="number of spline bins")
+    p.add_argument("--epochs", type=_positive_int, metavar="N", help="maximum number of epochs")
+    p.add_argument("--max-time", type=_positive_float, metavar="SECONDS", help="time budget")
+    p.add_argument("--batch-size", type=_positive_int, metavar="B", help="minibatch size")
+    p.add_argument("--lr", type=_positive_float, help="Adam learning rate")
+    p.add_argument("--seed", type=_seed, default=0, metavar="S", help="random seed (default 0)")
+    p.add_argument("--out", metavar="DIR", help="model directory (default runs/DATA-FLOW)")
+    p.add_argument("--force", action="store_true", help="overwrite a model in DIR")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.add_argument("--key", metavar="K", help="array of a .npz file (default: the first)")
+
+    p = sub.add_parser("eval", help="mean log-likelihood of a saved model on data")
+    p.add_argument("model", metavar="MODEL_DIR")
+    p.add_argument("data", metavar="DATA")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--key", metavar="K", help="array of a .npz file (default: the first)")
+
+    p = sub.add_parser("sample", help="draw samples from a saved model into a .npy file")
+    p.add_argument("model", metavar="MODEL_DIR")
+    p.add_argument("-n", type=_positive_int, required=True, metavar="N", help="number of samples")
+    p.add_argument("--out", required=True, metavar="FILE.npy")
+    p.add_argument("--seed", type=_seed, default=0, metavar="S", help="random seed (default 0)")
+    p.add_argument("--force", action="store_true", help="overwrite FILE.npy")
+
+    p = sub.add_parser("plot", help="draw a saved model's plots again")
+    p.add_argument("model", metavar="MODEL_DIR")
+    p.add_argument("--out", metavar="DIR", help="folder for the images (default MODEL_DIR)")
+
+    sub.add_parser("flows", help="list the registered flows")
+
+    p = sub.add_parser("fit-target", help="fit a flow to an unnormalized 2-D target density")
+    p.add_argument("target", metavar="TARGET", help="U1, U2, U3 or U4")
+    p.add_argument(
+        "--flow",
+        default=DEFAULT_TARGET_FLOW,
+        metavar="NAME",
+        help="registered flow (default: planar)",
+    )
+    p.add_argument("--layers", type=_positive_int, metavar="K", help="number of flow layers")
+    p.add_argument("--steps", type=_positive_int, metavar="N", help="number of optimisation steps")
+    p.add_argument("--max-time", type=_positive_float, metavar="SECONDS", help="time budget")
+    p.add_argument("--lr", type=_positive_float, help="Adam learning rate")
+    p.add_argument("--seed", type=_seed, default=0, metavar="S", help="random seed (default 0)")
+    p.add_argument("--out", metavar="DIR", help="model directory (default runs/TARGET-FLOW)")
+    p.add_argument("--force", action="store_true", help="overwrite a model in DIR")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def _warn(text: str) -> None:
+    _say(f"pushforward: warning: {_one_line(text)}")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _num(value: float | None) -> float | None:
+    """A JSON-safe float (``None`` for NaN/inf)."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def _recipe_options(flow: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The options the user gave, checked against the recipe before any work is done."""
+    from . import flows
+
+    recipe = flows.describe(flow)
+    allowed = recipe.options
+    options = {k: v for k, v in given.items() if v is not None}
+    for key in options:
+        if key not in allowed:
+            flag = "--" + key.replace("_", "-")
+            raise PushforwardError(
+                f"flow {flow!r} has no option {key!r} ({flag}); its options are: "
+                f"{', '.join(allowed) or 'none'}"
+            )
+    return options
+
+
+def _check_out(out: Path, force: bool) -> None:
+    from . import io
+
+    if out.exists() and not out.is_dir():
+        raise PushforwardError(f"--out {out} exists and is not a directory")
+    if io.has_model(out) and not force:
+        raise PushforwardError(
+            f"{out} already holds a model; pass --force to overwrite it or --out to choose "
+            "another directory"
+        )
+
+
+def _label(source: str) -> str:
+    """A short name for a data source, used in default output folders."""
+    from .data import is_builtin
+
+    return source if is_builtin(source) else (Path(source).stem or "data")
+
+
+def _matrix(array: Any, source: str):
+    """A ``(rows, features)`` float32 tensor of the examples in ``array``."""
+    import numpy as np
+    import torch
+
+    if array.ndim != 2:
+        raise PushforwardError(
+            f"{source}: expected a (rows, features) array, got shape {tuple(array.shape)}"
+        )
+    with np.errstate(over="ignore"):
+        x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if not bool(torch.isfinite(x).all()):
+        raise PushforwardError(f"{source}: values too large for float32 (they overflow)")
+    return x
+
+
+def _log_probs(flow: Any, x: Any):
+    """``flow.log_prob`` of every row, in batches of :data:`EVAL_BATCH` (float64)."""
+    import torch
+
+    dtype = next((t.dtype for t in flow.state_dict().values() if t.is_floating_point()), None)
+    parts = []
+    with torch.no_grad():
+        for chunk in x.split(EVAL_BATCH):
+            if dtype is not None:
+                chunk = chunk.to(dtype)
+            parts.append(flow.log_prob(chunk).double())
+    return torch.cat(parts)
+
+
+def _mean_log_likelihood(flow: Any, x: Any, what: str) -> float:
+    import torch
+
+    lp = _log_probs(flow, x)
+    bad = ~torch.isfinite(lp)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise PushforwardError(
+            f"the model's log-density is not finite for {int(bad.sum())} of {len(lp)} rows of "
+            f"{what} (the first is row {first})"
+        )
+    return float(lp.mean())
+
+
+def _bits_per_dim(log_likelihood: float, features: int) -> float:
+    """Differential bits per dimension: ``-log_likelihood / (features ln 2)``."""
+    return -log_likelihood / (features * math.log(2.0))
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, allow_nan=False))
+
+
+def _history_dict(history: Any) -> dict[str, Any]:
+    to_dict = getattr(history, "to_dict", None)
+    return _sanitize(to_dict() if callable(to_dict) else dict(vars(history)))
+
+
+def _sanitize(obj: Any) -> Any:
+    """Replace NaN/inf floats by ``None`` so the object is strict JSON."""
+    if isinstance(obj, float):
+        return _num(obj)
+    if isinstance(obj, dict):
+        return {k: _sanitize(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_sanitize(v) for v in obj]
+    return obj
+
+
+def _history_from_dict(d: dict[str, Any]) -> Any:
+    """A ``train.History`` again (for ``plots.training_curves``), or the dict if impossible."""
+    try:
+        from . import train
+
+        cls = getattr(train, "History", None)
+        from_dict = getattr(cls, "from_dict", None)
+        if callable(from_dict):
+            return from_dict(d)
+        import dataclasses
+
+        if cls is not None and dataclasses.is_dataclass(cls):
+            names = {f.name for f in dataclasses.fields(cls)}
+            return cls(**{k: v for k, v in d.items() if k in names})
+    except Exception:  # fall back to the dict: plots may accept it
+        pass
+    return d
+
+
+def _plot_data(config: dict[str, Any]):
+    """The training data a model was fitted on, or ``None`` if it cannot be found now."""
+    from .data import load
+
+    source = config.get("data_path") or config.get("data")
+    if not source:
+        return None
+    try:
+        return _matrix(load(source, "train", config.get("key")), source)
+    except PushforwardError as e:
+        _warn(f"skipping the data plots: {e}")
+        return None
+
+
+def _draw_plots(
+    flow: Any,
+    config: dict[str, Any],
+    history: Any,
+    out: Path,
+    data: Any = None,
+    strict: bool = False,
+) -> list[Path]:
+    """Draw the plots of a model into ``out``; failures are warnings unless ``strict``."""
+    import torch
+
+    drawn: list[Path] = []
+
+    def attempt(name: str, draw: Callable[[Path], Any]) -> None:
+        path = out / name
+        try:
+            draw(path)
+            drawn.append(path)
+        except Exception as e:
+            if strict:
+                raise PushforwardError(f"could not draw {path}: {_one_line(e)}") from None
+            _warn(f"could not draw {path}: {e}")
+
+    try:
+        from . import plots
+    except ImportError as e:
+        if strict:
+            raise PushforwardError(f"plotting is unavailable: {e}") from None
+        _warn(f"skipping plots: {e}")
+        return drawn
+    out.mkdir(parents=True, exist_ok=True)
+    if history is not None:
+        attempt("training_curves.png", lambda p: plots.training_curves(history, p))
+    target = config.get("target")
+    if target:
+        from .data.potentials import potential
+
+        attempt("target_vs_flow.png", lambda p: plots.target_vs_flow(flow, potential(target), p))
+        return drawn
+    features = int(config["features"])
+    if features == 1:
+        attempt("change_of_variables.png", lambda p: plots.change_of_variables_1d(flow, p))
+        return drawn
+    if data is None:
+        return drawn
+    if len(data) > PLOT_POINTS:
+        g = torch.Generator().manual_seed(0)
+        data = data[torch.randperm(len(data), generator=g)[:PLOT_POINTS]]
+    if features == 2:
+        attempt("density.png", lambda p: plots.density_2d(flow, data, p))
+    else:
+        torch.manual_seed(0)
+
+        def pairs(p: Path) -> None:
+            with torch.no_grad():
+                samples = flow.sample(len(data)).float()
+            plots.pairs(data, samples, p)
+
+        attempt("pairs.png", pairs)
+    return drawn
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from . import io, train
+    from .data import is_builtin, load, splits
+    from .transforms.linear import Standardization
+
+    name = args.flow or default_flow()
+    given = {"layers": args.layers, "hidden": args.hidden, "bins": args.bins}
+    options = _recipe_options(name, given)
+    out = Path(args.out) if args.out else Path("runs") / f"{_label(args.data)}-{name}"
+    _check_out(out, args.force)
+
+    builtin = is_builtin(args.data)
+    data = _matrix(load(args.data, "train", args.key), args.data)
+    _seed_everything(args.seed)
+    if builtin and "valid" in splits(args.data):
+        fit_rows = data
+        valid_rows = _matrix(load(args.data, "valid"), args.data)
+    else:
+        if len(data) < 2:
+            raise PushforwardError(f"{args.data}: need at least 2 rows to fit, got {len(data)}")
+        order = torch.from_numpy(np.random.default_rng(args.seed).permutation(len(data)))
+        n_valid = max(1, round(VALID_FRACTION * len(data)))
+        valid_rows, fit_rows = data[order[:n_valid]], data[order[n_valid:]]
+    features = int(data.shape[1])
+    scaling = Standardization.from_data(fit_rows)
+
+    training = {
+        k: v
+        for k, v in {
+            "epochs": args.epochs,
+            "max_time": args.max_time,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+        }.items()
+        if v is not None
+    }
+    extras: dict[str, Any] = {"data": args.data, "seed": args.seed, "training": training}
+    if not builtin:
+        extras["data_path"] = str(Path(args.data).expanduser().resolve())
+    if args.key is not None:
+        extras["key"] = args.key
+    config = io.make_config(name, features, 0, options, (scaling.loc, scaling.scale), **extras)
+    flow = io.model_from_config(config)
+
+    start = time.perf_counter()
+    history = train.fit(flow, fit_rows, valid_rows, seed=args.seed, progress=True, **training)
+    flow.eval()
+
+    metrics: dict[str, Any] = {
+        "data": args.data,
+        "flow": name,
+        "features": features,
+        "n_train": len(fit_rows),
+        "n_valid": len(valid_rows),
+        "train_log_likelihood": _mean_log_likelihood(flow, fit_rows, "the training data"),
+        "valid_log_likelihood": _mean_log_likelihood(flow, valid_rows, "the validation data"),
+    }
+    if builtin and "test" in splits(args.data):
+        test_rows = _matrix(load(args.data, "test"), args.data)
+        ll = _mean_log_likelihood(flow, test_rows, "the test data")
+        metrics.update(
+            n_test=len(test_rows),
+            test_log_likelihood=ll,
+            test_bits_per_dim=_bits_per_dim(ll, features),
+        )
+    metrics.update(
+        epochs=getattr(history, "epochs", None),
+        steps=getattr(history, "steps", None),
+        best_epoch=getattr(history, "best_epoch", None),
+        seconds=getattr(history, "seconds", time.perf_counter() - start),
+        stopped=getattr(history, "stopped", None),
+        seed=args.seed,
+        options=config["options"],
+        history=_history_dict(history),
+    )
+    metrics = _sanitize(metrics)
+
+    io.save_model(out, flow, config, force=args.force)
+    io.write_json(out / io.METRICS_FILE, metrics)
+    _draw_plots(flow, config, history, out, data=fit_rows)
+
+    if args.json:
+        _print_json(metrics)
+    else:
+        parts = [f"train {metrics['train_log_likelihood']:.4f}"]
+        parts.append(f"valid {metrics['valid_log_likelihood']:.4f}")
+        if "test_log_likelihood" in metrics:
+            parts.append(f"test {metrics['test_log_likelihood']:.4f}")
+        print(f"saved {out} (flow {name}, {features} features)")
+        print(f"log-likelihood (nats/example): {', '.join(parts)}")
+        print(
+            f"epochs: {metrics['epochs']}, seconds: {metrics['seconds']:.1f}, stopped: "
+            f"{metrics['stopped']}"
+        )
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from . import io
+    from .data import load
+
+    flow, config = io.load_model(args.model)
+    x = _matrix(load(args.data, "test", args.key), args.data)
+    features = int(config["features"])
+    if x.shape[1] != features:
+        raise PushforwardError(f"model has {features} features, data has {x.shape[1]}")
+    ll = _mean_log_likelihood(flow, x, args.data)
+    result = {
+        "log_likelihood": ll,
+        "bits_per_dim": _bits_per_dim(ll, features),
+        "n": len(x),
+        "features": features,
+        "model": str(args.model),
+        "data": args.data,
+    }
+    if args.json:
+        _print_json(_sanitize(result))
+    else:
+        print(f"log_likelihood: {ll:.6f} nats/example")
+        print(f"bits_per_dim: {result['bits_per_dim']:.6f} (differential)")
+        print(f"n: {len(x)}")
+        print(f"features: {features}")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from . import io
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".npy":
+        raise PushforwardError(f"--out must name a .npy file, got {out}")
+    if out.exists() and not args.force:
+        raise PushforwardError(f"{out} already exists; pass --force to overwrite it")
+    if out.is_dir():
+        raise PushforwardError(f"{out} is a directory")
+    if not out.parent.is_dir():
+        raise PushforwardError(f"folder {out.parent} does not exist")
+    flow, _ = io.load_model(args.model)
+    torch.manual_seed(args.seed)
+    parts = []
+    with torch.no_grad():
+        for start in range(0, args.n, EVAL_BATCH):
+            parts.append(flow.sample(min(EVAL_BATCH, args.n - start)).float().cpu())
+    samples = torch.cat(parts).numpy()
+    buffer = _bytes_io.BytesIO()
+    np.save(buffer, samples, allow_pickle=False)
+    io.write_atomic(out, buffer.getvalue())
+    bad = int((~np.isfinite(samples)).any(axis=tuple(range(1, samples.ndim))).sum())
+    if bad:
+        _warn(f"{bad} of {args.n} samples are not finite")
+    print(f"wrote {args.n} samples of {samples.shape[1]} features to {out}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from . import io
+
+    flow, config = io.load_model(args.model)
+    out = Path(args.out) if args.out else Path(args.model)
+    metrics_path = Path(args.model) / io.METRICS_FILE
+    history = None
+    if metrics_path.is_file():
+        metrics = io.read_json(metrics_path)
+        if isinstance(metrics, dict) and isinstance(metrics.get("history"), dict):
+            history = _history_from_dict(metrics["history"])
+    else:
+        _warn(f"{metrics_path} not found: no training curves")
+    data = None if config.get("target") or config["features"] == 1 else _plot_data(config)
+    drawn = _draw_plots(flow, config, history, out, data=data, strict=True)
+    for path in drawn:
+        print(path)
+    if not drawn:
+        raise PushforwardError(f"no plot could be drawn for {args.model}")
+    return 0
+
+
+def _cmd_flows(args: argparse.Namespace) -> int:
+    from . import flows
+
+    names = flows.names()
+    width = max((len(n) for n in names), default=0)
+    for name in names:
+        print(f"{name:<{width}}  {flows.describe(name).summary}")
+    return 0
+
+
+def _cmd_fit_target(args: argparse.Namespace) -> int:
+    from . import io, train
+    from .data.potentials import potential, potential_names
+
+    target = args.target.upper()
+    if target not in potential_names():
+        raise PushforwardError(
+            f"unknown target {args.target!r}; choose from: {', '.join(potential_names())}"
+        )
+    name = args.flow
+    options = _recipe_options(name, {"layers": args.layers})
+    out = Path(args.out) if args.out else Path("runs") / f"{target}-{name}"
+    _check_out(out, args.force)
+    log_density = potential(target)
+    _seed_everything(args.seed)
+    training = {
+        k: v
+        for k, v in {"steps": args.steps, "max_time": args.max_time, "lr": args.lr}.items()
+        if v is not None
+    }
+    config = io.make_config(
+        name, 2, 0, options, None, target=target, seed=args.seed, training=training
+    )
+    flow = io.model_from_config(config)
+    history = train.fit_target(flow, log_density, seed=args.seed, progress=True, **training)
+    flow.eval()
+    kl = train.estimate_reverse_kl(flow, log_density, n=10_000)
+    metrics = _sanitize(
+        {
+            "target": target,
+            "flow": name,
+            "reverse_kl": kl,
+            "steps": getattr(history, "steps", None),
+            "seconds": getattr(history, "seconds", None),
+            "stopped": getattr(history, "stopped", None),
+            "seed": args.seed,
+            "options": config["options"],
+            "history": _history_dict(history),
+        }
+    )
+    io.save_model(out, flow, config, force=args.force)
+    io.write_json(out / io.METRICS_FILE, metrics)
+    _draw_plots(flow, config, history, out)
+    if args.json:
+        _print_json(metrics)
+    else:
+        print(f"saved {out} (flow {name} on {target})")
+        print(f"reverse KL estimate (nats, up to the target's log-normaliser): {kl:.4f}")
+    return 0
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "fit": _cmd_fit,
+    "eval": _cmd_eval,
+    "sample": _cmd_sample,
+    "plot": _cmd_plot,
+    "flows": _cmd_flows,
+    "fit-target": _cmd_fit_target,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``pushforward`` command with ``argv`` (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, 1 on an error (one line on stderr), 2 on a usage error,
+        130 when interrupted.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(None if argv is None else list(argv))
+    except SystemExit as e:  # usage errors (2) and --help (0)
+        return int(e.code) if isinstance(e.code, int) else 2
+    try:
+        return _COMMANDS[args.command](args)
+    except (PushforwardError, OSError) as e:
+        _say(f"pushforward: error: {_one_line(e)}")
+        return 1
+    except KeyboardInterrupt:
+        _say("pushforward: error: interrupted")
+        return 130
+    except Exception as e:
+        if os.environ.get("PUSHFORWARD_DEBUG"):
+            raise
+        _say(
+            f"pushforward: error: internal error ({type(e).__name__}: {_one_line(e)}); "
+            "set PUSHFORWARD_DEBUG=1 for the traceback"
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
