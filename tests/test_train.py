@@ -1,0 +1,225 @@
+"""Training loops: fit learns a Gaussian's parameters, is reproducible from its seed without
+touching the global RNG, stops early and restores the best weights, honours max_time, survives
+a non-finite loss with finite weights and a warning, switches train/eval modes, validates its
+input; fit_target recovers a Gaussian target and -log Z; History round-trips through a dict."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+from pushforward.core import PushforwardError, Transform
+from pushforward.distributions import Flow, StandardNormal
+from pushforward.train import History, _beta, estimate_reverse_kl, fit, fit_target
+from pushforward.transforms.linear import ElementwiseAffine
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def _affine_flow(features: int = 2, context_features: int = 0) -> Flow:
+    t = ElementwiseAffine(features, context_features=context_features, hidden=(8,))
+    return Flow(StandardNormal(features), t, context_features=context_features)
+
+
+def _params(flow: Flow) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in flow.state_dict().items()}
+
+
+def _gaussian(n: int, seed: int = 0) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.tensor([3.0, -1.0]) + torch.tensor([0.5, 2.0]) * torch.randn(n, 2, generator=g)
+
+
+class Recorder(Transform):
+    """ElementwiseAffine that records the mode of every call and can turn its ladj to NaN."""
+
+    def __init__(self, nan_after: int | None = None):
+        super().__init__()
+        self.inner = ElementwiseAffine(2)
+        self.modes: list[bool] = []
+        self.nan_after = nan_after
+
+    def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.inner(z, context)
+
+    def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self.modes.append(self.training)
+        z, ladj = self.inner.inverse(x, context)
+        training_calls = sum(self.modes)
+        if self.nan_after is not None and self.training and training_calls > self.nan_after:
+            ladj = ladj * math.nan
+        return z, ladj
+
+
+def test_fit_learns_a_gaussian() -> None:
+    data = _gaussian(4000)
+    flow = _affine_flow()
+    history = fit(flow, data, epochs=30, lr=0.05, batch_size=400, progress=False)
+    p = flow.transform.params.params
+    assert p["shift"].detach().numpy() == pytest.approx([3.0, -1.0], abs=0.1)
+    assert p["log_scale"].exp().detach().numpy() == pytest.approx([0.5, 2.0], rel=0.08)
+    # minus the entropy of N(mu, diag(0.25, 4)), log 2 pi e + log(0.5 * 2), within 3 standard
+    # errors of a 400-row mean (the log-density has standard deviation 1)
+    assert history.best_valid_log_likelihood == pytest.approx(-(LOG_2PI + 1), abs=0.15)
+    assert history.stopped == "max-epochs" and history.epochs == 30
+    assert history.steps == 30 * (3600 // 400)
+    assert len(history.train_loss) == len(history.valid_log_likelihood) == 30
+    assert not flow.training
+
+
+def test_same_seed_same_numbers_and_global_rng_untouched() -> None:
+    data = _gaussian(600)
+    runs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(123)
+        flow = _affine_flow()
+        state = torch.get_rng_state()
+        history = fit(flow, data, epochs=3, batch_size=64, lr=0.01, seed=seed, progress=False)
+        assert torch.equal(torch.get_rng_state(), state)
+        runs.append((history.train_loss, history.valid_log_likelihood, _params(flow)))
+    (loss_a, valid_a, p_a), (loss_b, valid_b, p_b), (loss_c, _, _) = runs
+    assert loss_a == loss_b and valid_a == valid_b
+    assert all(torch.equal(p_a[k], p_b[k]) for k in p_a)
+    assert loss_a != loss_c
+
+
+def test_early_stopping_restores_the_best_weights() -> None:
+    # training moves the model away from the validation distribution: epoch 1 is the best
+    train, valid = _gaussian(512), torch.randn(256, 2)
+    flow = _affine_flow()
+    history = fit(flow, train, valid, epochs=50, patience=2, lr=0.05, progress=False)
+    assert history.stopped == "early-stopping"
+    assert history.best_epoch == 1 and history.epochs == 3
+    assert history.valid_log_likelihood[0] > max(history.valid_log_likelihood[1:])
+    with torch.no_grad():
+        restored = flow.log_prob(valid).double().mean().item()
+    assert restored == pytest.approx(history.best_valid_log_likelihood, abs=1e-9)
+
+
+def test_max_time_stops_cleanly() -> None:
+    flow = _affine_flow()
+    history = fit(flow, _gaussian(600), epochs=100, max_time=1e-9, progress=False)
+    assert history.stopped == "max-time"
+    assert history.steps == 1 and history.epochs == 1
+    assert len(history.valid_log_likelihood) == 1 and history.best_epoch == 1
+
+
+def test_non_finite_loss_stops_with_finite_best_weights_and_a_warning() -> None:
+    torch.manual_seed(0)
+    t = Recorder(nan_after=6)
+    flow = Flow(StandardNormal(2), t)
+    after_epoch: dict[int, dict[str, Tensor]] = {}
+
+    def callback(epoch: int, history: History) -> None:
+        after_epoch[epoch] = _params(flow)
+
+    with pytest.warns(RuntimeWarning, match="non-finite loss at epoch 2"):
+        history = fit(
+            flow, _gaussian(500), epochs=10, batch_size=100, progress=False, callback=callback
+        )
+    assert history.stopped == "non-finite" and history.best_epoch == 1
+    assert history.epochs == 2 and math.isnan(history.train_loss[-1])
+    assert all(torch.isfinite(p).all() for p in flow.parameters())
+    state = _params(flow)
+    assert all(torch.equal(state[k], after_epoch[1][k]) for k in state)
+
+
+def test_modes_train_during_steps_eval_during_validation() -> None:
+    torch.manual_seed(0)
+    t = Recorder()
+    flow = Flow(StandardNormal(2), t)
+    fit(flow, _gaussian(300), epochs=2, batch_size=90, progress=False)
+    # per epoch: 3 training steps, then one validation batch
+    assert t.modes == [True, True, True, False] * 2
+    assert not flow.training
+
+
+def test_fit_conditional_flow() -> None:
+    g = torch.Generator().manual_seed(0)
+    context = torch.randn(800, 1, generator=g)
+    data = torch.cat([2 * context, -context], 1) + 0.3 * torch.randn(800, 2, generator=g)
+    flow = _affine_flow(2, context_features=1)
+    history = fit(flow, data, train_context=context, epochs=15, lr=0.01, progress=False)
+    assert history.valid_log_likelihood[-1] > history.valid_log_likelihood[0] + 0.5
+
+
+def test_progress_bar_shows_loss_and_valid_ll(capsys: pytest.CaptureFixture) -> None:
+    fit(_affine_flow(), _gaussian(300), epochs=2, progress=True)
+    err = capsys.readouterr().err
+    assert "loss=" in err and "valid LL=" in err
+
+
+def test_fit_validates_its_input() -> None:
+    flow = _affine_flow()
+    data = _gaussian(100)
+    cases = [
+        (dict(train=torch.zeros(10, 3)), r"train: expected shape \(rows, 2\)"),
+        (dict(train=torch.zeros(4, 10, 2)), r"train: expected shape \(rows, 2\)"),
+        (dict(train=torch.full((10, 2), math.nan)), "NaN"),
+        (dict(train=data[:1]), "too few"),
+        (dict(train=data, valid=torch.zeros(5, 1)), "valid: expected shape"),
+        (dict(train=data, lr_schedule="step"), "lr_schedule"),
+        (dict(train=data, epochs=0), "epochs must be a positive integer"),
+        (dict(train=data, lr=-1.0), "lr must be"),
+        (dict(train=data, valid_fraction=1.5), "valid_fraction"),
+        (dict(train=data, train_context=torch.zeros(100, 1)), "unconditional"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(PushforwardError, match=message):
+            fit(flow, progress=False, **kwargs)
+    with pytest.raises(PushforwardError, match="conditional: train needs a train_context"):
+        fit(_affine_flow(2, context_features=1), data, progress=False)
+
+
+def test_fit_target_recovers_a_gaussian_and_log_z() -> None:
+    m, s = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 1.5])
+    log_p = lambda x: -0.5 * (((x - m) / s) ** 2).sum(-1)  # noqa: E731
+    flow = _affine_flow()
+    history = fit_target(flow, log_p, steps=600, lr=0.05, anneal_steps=100, progress=False)
+    p = flow.transform.params.params
+    assert p["shift"].detach().numpy() == pytest.approx(m.numpy(), abs=0.1)
+    assert p["log_scale"].exp().detach().numpy() == pytest.approx(s.numpy(), rel=0.1)
+    log_z = LOG_2PI + math.log(0.5 * 1.5)
+    assert estimate_reverse_kl(flow, log_p, 20_000) == pytest.approx(-log_z, abs=0.02)
+    assert history.stopped == "max-steps" and history.steps == 600
+    assert history.loss_every == 100 and len(history.train_loss) == 6
+    assert not flow.training
+
+
+def test_beta_warm_up() -> None:
+    assert _beta(0, 0) == _beta(5, 0) == 1.0
+    assert _beta(0, 100) == pytest.approx(0.01)
+    assert _beta(50, 100) == pytest.approx(0.51)
+    assert _beta(99, 100) == pytest.approx(1.0) and _beta(500, 100) == 1.0
+
+
+def test_fit_target_non_finite_keeps_finite_weights() -> None:
+    torch.manual_seed(0)
+    flow = _affine_flow()
+    start = _params(flow)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        history = fit_target(flow, lambda x: x.sum(-1) * math.nan, steps=50, progress=False)
+    assert history.stopped == "non-finite" and history.train_loss == []
+    state = _params(flow)
+    assert all(torch.equal(state[k], start[k]) for k in state)
+
+
+def test_fit_target_max_time_and_errors() -> None:
+    log_p = lambda x: -0.5 * (x * x).sum(-1)  # noqa: E731
+    history = fit_target(_affine_flow(), log_p, steps=1000, max_time=1e-9, progress=False)
+    assert history.stopped == "max-time" and history.steps == 1 and len(history.train_loss) == 1
+    with pytest.raises(PushforwardError, match="anneal_steps"):
+        fit_target(_affine_flow(), log_p, anneal_steps=-1, progress=False)
+    with pytest.raises(PushforwardError, match="unconditional"):
+        fit_target(_affine_flow(2, 1), log_p, progress=False)
+
+
+def test_history_round_trips_through_json() -> None:
+    history = fit(_affine_flow(), _gaussian(300), epochs=2, progress=False)
+    d = json.loads(json.dumps(history.to_dict()))
+    assert History.from_dict(d) == history
+    assert set(d) >= {"train_loss", "valid_log_likelihood", "best_epoch", "stopped", "seconds"}
