@@ -21,15 +21,15 @@ demo: setup
 	$(BIN)/pushforward eval runs/moons moons
 
 lint: setup
-	$(BIN)/ruff check pushforward tests benchmarks
-	$(BIN)/ruff format --check pushforward tests benchmarks
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: lint
 	$(BIN)/python -m pytest
 
 format: setup
-	$(BIN)/ruff check --fix pushforward tests benchmarks
-	$(BIN)/ruff format pushforward tests benchmarks
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 bench: setup
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[bench]"

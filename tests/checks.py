@@ -144,8 +144,10 @@ def check_integrates(case: Case, t: Transform) -> None:
             lo, hi = xs.min(0).values, xs.max(0).values
             lo, hi = lo - 0.6 * (hi - lo), hi + 0.6 * (hi - lo)
         n = 200_000 if d == 1 else 1200
-        axes = [lo[j] + (hi[j] - lo[j]) * (torch.arange(n, dtype=torch.float64) + 0.5) / n
-                for j in range(d)]
+        axes = [
+            lo[j] + (hi[j] - lo[j]) * (torch.arange(n, dtype=torch.float64) + 0.5) / n
+            for j in range(d)
+        ]
         grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, *case.event_shape)
         cell = torch.prod((hi - lo) / n)
         total = torch.zeros((), dtype=torch.float64)
@@ -249,8 +251,10 @@ def check_flow(name: str, features: int, context_features: int = 0, **options) -
     c = context(case, (7,))
     flow.train()
     with torch.no_grad():
-        flow.log_prob(flow.sample((64,), c[:1] if c is not None else None).reshape(64, -1),
-                      None if c is None else c[:1].expand(64, -1))
+        flow.log_prob(
+            flow.sample((64,), c[:1] if c is not None else None).reshape(64, -1),
+            None if c is None else c[:1].expand(64, -1),
+        )
     flow.eval()
     with torch.no_grad():
         x = flow.sample((), c) if c is not None else flow.sample(7)
@@ -265,8 +269,13 @@ def check_flow(name: str, features: int, context_features: int = 0, **options) -
         assert isinstance(dist, torch.distributions.Distribution)
         _close(dist.log_prob(x), lp, 1e-12, "distribution view log_prob")
         with tempfile.TemporaryDirectory() as tmp:
-            config = {"flow": name, "features": features, "context_features": context_features,
-                      "options": options, "scaling": None}
+            config = {
+                "flow": name,
+                "features": features,
+                "context_features": context_features,
+                "options": options,
+                "scaling": None,
+            }
             io.save_model(tmp, flow, config)
             loaded, _ = io.load_model(tmp)
             loaded = loaded.double()
@@ -278,8 +287,10 @@ def check_flow(name: str, features: int, context_features: int = 0, **options) -
             lo, hi = xs.min(0).values, xs.max(0).values
             lo, hi = lo - 0.6 * (hi - lo), hi + 0.6 * (hi - lo)
             n = 200_000 if features == 1 else 1200
-            axes = [lo[j] + (hi[j] - lo[j]) * (torch.arange(n, dtype=torch.float64) + 0.5) / n
-                    for j in range(features)]
+            axes = [
+                lo[j] + (hi[j] - lo[j]) * (torch.arange(n, dtype=torch.float64) + 0.5) / n
+                for j in range(features)
+            ]
             grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, features)
             cell = torch.prod((hi - lo) / n)
             total = sum(torch.exp(flow.log_prob(g)).sum() for g in grid.split(100_000)) * cell

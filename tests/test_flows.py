@@ -21,11 +21,7 @@ def small_options(name: str, layers: int = 2) -> dict:
     return opts
 
 
-CASES = [
-    (name, d, c)
-    for name in flows.names()
-    for d, c in ((1, 0), (2, 0), (3, 2))
-]
+CASES = [(name, d, c) for name in flows.names() for d, c in ((1, 0), (2, 0), (3, 2))]
 
 
 @pytest.mark.parametrize("name,features,context", CASES, ids=lambda v: str(v))
