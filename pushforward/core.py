@@ -31,6 +31,7 @@ __all__ = [
     "Transform",
     "Compose",
     "Inverse",
+    "Identity",
     "Parameters",
     "Transformer",
     "sum_event",
@@ -188,6 +189,27 @@ class Inverse(Transform):
     @property
     def inv(self) -> Transform:
         return self.transform
+
+
+class Identity(Transform):
+    """The identity map :math:`x = z`, :math:`\\log|\\det J| = 0` (the transform of a flow whose
+    density is its base's, e.g. MADE MoG).
+
+    Example:
+        >>> Identity()(torch.ones(2, 3))[1]
+        tensor([0., 0.])
+    """
+
+    def __init__(self, event_dim: int = 1):
+        super().__init__()
+        self.event_dim = check_positive_int(event_dim, "event_dim")
+
+    def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        batch = z.shape[: z.dim() - self.event_dim]
+        return z, torch.zeros(batch, dtype=z.dtype, device=z.device)
+
+    def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.forward(x, context)
 
 
 class Compose(Transform):

@@ -15,10 +15,10 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch  # noqa: F401  (used by the doctest above)
+import torch
 
-from .core import Compose, PushforwardError, Transform
-from .distributions import Base, DiagNormal, Flow, GaussianMixture, StandardNormal
+from .core import Compose, Identity, Inverse, PushforwardError, Transform, Transformer
+from .distributions import Base, DiagNormal, Flow, GaussianMixture, MADEMoG, StandardNormal
 
 __all__ = ["build", "names", "describe", "register", "make_base", "Recipe"]
 
@@ -159,7 +159,10 @@ def lu(features: int, context_features: int = 0, *, layers: int = 8, base: str =
     k = _check_positive("layers", layers)
     parts: list[Transform] = [ElementwiseAffine(features, context_features)]
     for _ in range(k):
-        parts += [LULinear(features, context_features), LeakyReLU(0.5, learnable=True)]
+        # slopes start near 1 (near the identity: the stack's initial density is not stretched
+        # by (1/a)^k in the negative orthant) and are learned per layer
+        slope = LeakyReLU(0.9, learnable=True, context_features=context_features)
+        parts += [LULinear(features, context_features), slope]
     parts.append(LULinear(features, context_features))
     return _flow(base, features, context_features, Compose(*parts))
 
@@ -190,3 +193,259 @@ def piecewise_linear(
         ]
     parts.append(ElementwiseAffine(features, context_features))
     return _flow(base, features, context_features, Compose(*parts))
+
+
+# ---------------------------------------------------------------------------------------------
+# Autoregressive family: one structure (MaskedAutoregressive) x elementwise transformers.
+
+
+def _orders(features: int, layers: int, permutation: str, seed: int = 0) -> list[torch.Tensor]:
+    """The autoregressive order of each layer. Reversing (or permuting) the order between
+    layers is the same map as a permutation layer between them, without the extra pass."""
+    natural = torch.arange(features)
+    if permutation == "reverse":
+        return [natural if i % 2 == 0 else natural.flip(0) for i in range(layers)]
+    if permutation == "random":
+        g = torch.Generator().manual_seed(seed)
+        return [natural] + [torch.randperm(features, generator=g) for _ in range(layers - 1)]
+    raise PushforwardError(f"unknown permutation {permutation!r}; choose from: reverse, random")
+
+
+def _check_hidden(hidden) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(h) for h in hidden)
+    except (TypeError, ValueError):
+        raise PushforwardError(
+            f"option hidden must be a sequence of positive integers, got {hidden!r}"
+        ) from None
+    if not widths or any(w < 1 or w != h for w, h in zip(widths, hidden, strict=True)):
+        raise PushforwardError(f"option hidden must be positive integers, got {hidden!r}")
+    return widths
+
+
+def _autoregressive(
+    features: int,
+    context_features: int,
+    transformer: Callable[[], Transformer],
+    layers: int,
+    hidden,
+    permutation: str,
+    batch_norm: bool,
+    inverse: bool = False,
+    residual: bool = False,
+) -> Transform:
+    """``layers`` masked autoregressive layers (their ``Inverse`` for IAF), orders reversed or
+    permuted between layers, optional batch norm between them (MAF paper, section 3.4)."""
+    from .transforms.autoregressive import MaskedAutoregressive
+    from .transforms.linear import BatchNorm
+
+    k = _check_positive("layers", layers)
+    widths = _check_hidden(hidden)
+    parts: list[Transform] = []
+    for i, order in enumerate(_orders(features, k, permutation)):
+        if batch_norm and i > 0:
+            parts.append(BatchNorm(features))
+        layer: Transform = MaskedAutoregressive(
+            features, transformer(), context_features, widths, order=order, residual=residual
+        )
+        parts.append(Inverse(layer) if inverse else layer)
+    return parts[0] if len(parts) == 1 else Compose(*parts)
+
+
+@register(
+    "maf",
+    "masked autoregressive flow (Papamakarios et al. 2017): affine MADE layers, orders reversed",
+)
+def maf(
+    features: int,
+    context_features: int = 0,
+    *,
+    layers: int = 5,
+    hidden: tuple[int, ...] = (512, 512),
+    permutation: str = "reverse",
+    batch_norm: bool = False,
+    base: str = "normal",
+):
+    from .transforms.transformers import AffineTransformer
+
+    t = _autoregressive(
+        features,
+        context_features,
+        AffineTransformer,
+        layers,
+        hidden,
+        permutation,
+        batch_norm,
+    )
+    return _flow(base, features, context_features, t)
+
+
+@register(
+    "iaf",
+    "inverse autoregressive flow (Kingma et al. 2016): fast sampling, sequential density",
+)
+def iaf(
+    features: int,
+    context_features: int = 0,
+    *,
+    layers: int = 5,
+    hidden: tuple[int, ...] = (512, 512),
+    permutation: str = "reverse",
+    base: str = "normal",
+):
+    from .transforms.transformers import AffineTransformer
+
+    t = _autoregressive(
+        features,
+        context_features,
+        AffineTransformer,
+        layers,
+        hidden,
+        permutation,
+        False,
+        inverse=True,
+    )
+    return _flow(base, features, context_features, t)
+
+
+@register(
+    "nsf",
+    "autoregressive neural spline flow (Durkan et al. 2019): rational-quadratic spline MADE layers",
+)
+def nsf(
+    features: int,
+    context_features: int = 0,
+    *,
+    layers: int = 5,
+    hidden: tuple[int, ...] = (256, 256),
+    bins: int = 8,
+    permutation: str = "reverse",
+    batch_norm: bool = False,
+    base: str = "normal",
+):
+    from .transforms.splines import RQSplineTransformer
+
+    b = _check_positive("bins", bins)
+    t = _autoregressive(
+        features,
+        context_features,
+        lambda: RQSplineTransformer(bins=b),
+        layers,
+        hidden,
+        permutation,
+        batch_norm,
+    )
+    return _flow(base, features, context_features, t)
+
+
+@register(
+    "naf",
+    "neural autoregressive flow (Huang et al. 2018): deep sigmoidal flow MADE layers",
+)
+def naf(
+    features: int,
+    context_features: int = 0,
+    *,
+    layers: int = 5,
+    hidden: tuple[int, ...] = (256, 256),
+    units: int = 8,
+    permutation: str = "reverse",
+    base: str = "normal",
+):
+    from .transforms.naf import DeepSigmoidTransformer
+
+    u = _check_positive("units", units)
+    # invert=True: the density direction (inverse) is the closed-form sigmoidal map and
+    # sampling needs the bracketed scalar solve, as in the paper's density estimation.
+    t = _autoregressive(
+        features,
+        context_features,
+        lambda: DeepSigmoidTransformer(u, invert=True),
+        layers,
+        hidden,
+        permutation,
+        False,
+    )
+    return _flow(base, features, context_features, t)
+
+
+@register("made", "Gaussian MADE (Germain et al. 2015): one affine autoregressive layer")
+def made(
+    features: int,
+    context_features: int = 0,
+    *,
+    hidden: tuple[int, ...] = (512, 512),
+):
+    from .transforms.transformers import AffineTransformer
+
+    t = _autoregressive(features, context_features, AffineTransformer, 1, hidden, "reverse", False)
+    return _flow("normal", features, context_features, t)
+
+
+@register(
+    "made-mog",
+    "MADE with a mixture of Gaussians per conditional (the MADE MoG of Papamakarios et al.)",
+)
+def made_mog(
+    features: int,
+    context_features: int = 0,
+    *,
+    hidden: tuple[int, ...] = (512, 512),
+    components: int = 10,
+):
+    k = _check_positive("components", components)
+    base = MADEMoG(features, k, context_features, _check_hidden(hidden))
+    return Flow(base, Identity(), context_features)
+
+
+@register(
+    "maf-mog",
+    "MAF whose base is a MADE MoG (Papamakarios et al. 2017): affine MADE layers over MADE MoG",
+)
+def maf_mog(
+    features: int,
+    context_features: int = 0,
+    *,
+    layers: int = 5,
+    hidden: tuple[int, ...] = (512, 512),
+    components: int = 10,
+    permutation: str = "reverse",
+    batch_norm: bool = False,
+):
+    from .transforms.transformers import AffineTransformer
+
+    k = _check_positive("components", components)
+    widths = _check_hidden(hidden)
+    t = _autoregressive(
+        features,
+        context_features,
+        AffineTransformer,
+        layers,
+        widths,
+        permutation,
+        batch_norm,
+    )
+    # the MADE MoG sits on top of the MAF in the density direction: x -> MAF^-1 -> z ~ MoG;
+    # its order continues the alternation of the layers below it
+    order = _orders(features, layers + 1, permutation)[-1]
+    base = MADEMoG(features, k, context_features, widths, order=order)
+    return Flow(base, t, context_features)
+
+
+@register(
+    "cclinIAF",
+    "convex-combination linear IAF (Tomczak & Welling 2017) over a diagonal Gaussian",
+)
+def cclin_iaf(
+    features: int,
+    context_features: int = 0,
+    *,
+    components: int = 5,
+    hidden: tuple[int, ...] = (64, 64),
+    base: str = "diag-normal",
+):
+    from .transforms.linear import ConvexCombinationLinear
+
+    k = _check_positive("components", components)
+    t = ConvexCombinationLinear(features, k, context_features, _check_hidden(hidden))
+    return _flow(base, features, context_features, t)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pushforward import flows
 from pushforward.core import PushforwardError
@@ -52,3 +53,66 @@ def test_unknown_base() -> None:
 def test_every_recipe_has_a_summary() -> None:
     for name in flows.names():
         assert flows.describe(name).summary
+
+
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("maf", {"batch_norm": True}),
+        ("maf", {"permutation": "random"}),
+        ("nsf", {"batch_norm": True, "permutation": "random"}),
+        ("maf-mog", {"batch_norm": True, "components": 3}),
+    ],
+    ids=str,
+)
+def test_autoregressive_options(name: str, options: dict) -> None:
+    check_flow(name, 3, 0, **{**small_options(name), **options})
+
+
+def test_unknown_permutation() -> None:
+    with pytest.raises(PushforwardError, match="unknown permutation 'sorted'"):
+        flows.build("maf", 3, permutation="sorted")
+
+
+@pytest.mark.parametrize("hidden", [(), (16, 0), "wide", (1.5,)], ids=str)
+def test_bad_hidden(hidden) -> None:
+    with pytest.raises(PushforwardError, match="option hidden must be"):
+        flows.build("maf", 3, hidden=hidden)
+
+
+def test_orders_alternate_between_layers() -> None:
+    flow = flows.build("maf", 4, layers=3, hidden=(8,))
+    orders = [t.made.order.tolist() for t in flow.transform]
+    assert orders == [[0, 1, 2, 3], [3, 2, 1, 0], [0, 1, 2, 3]]
+
+
+def test_iaf_is_the_inverse_structure_of_maf() -> None:
+    from pushforward.core import Inverse
+    from pushforward.transforms.autoregressive import MaskedAutoregressive
+
+    flow = flows.build("iaf", 3, layers=2, hidden=(8,))
+    assert all(isinstance(t, Inverse) for t in flow.transform)
+    assert all(isinstance(t.inv, MaskedAutoregressive) for t in flow.transform)
+
+
+@pytest.mark.parametrize("name", ["made-mog", "maf-mog"])
+def test_mog_samples_follow_the_density(name: str) -> None:
+    """The sequential sampler of MADE MoG draws from the density that log_prob evaluates:
+    sample moments against moments of the density integrated on a grid."""
+    torch.manual_seed(3)
+    flow = flows.build(name, 2, **small_options(name, layers=1), components=3).double()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        x = flow.sample(40_000)
+        n = 800
+        axis = torch.linspace(-12, 12, n, dtype=torch.float64)
+        grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
+        p = flow.log_prob(grid).exp() * (axis[1] - axis[0]) ** 2
+    assert abs(float(p.sum()) - 1) < 1e-3
+    mean = (p[:, None] * grid).sum(0)
+    second = (p[:, None] * grid**2).sum(0)
+    sd = (second - mean**2).sqrt()
+    tol = 5 * sd / 40_000**0.5
+    assert ((x.mean(0) - mean).abs() < tol).all(), (x.mean(0), mean)
+    assert ((x.std(0) - sd).abs() < 0.03 * sd).all(), (x.std(0), sd)
