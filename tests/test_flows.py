@@ -116,3 +116,22 @@ def test_mog_samples_follow_the_density(name: str) -> None:
     tol = 5 * sd / 40_000**0.5
     assert ((x.mean(0) - mean).abs() < tol).all(), (x.mean(0), mean)
     assert ((x.std(0) - sd).abs() < 0.03 * sd).all(), (x.std(0), sd)
+
+
+@pytest.mark.parametrize("name", ["maf", "iaf", "nsf", "naf", "made", "made-mog", "maf-mog"])
+def test_extreme_finite_inputs_give_no_nan(name: str) -> None:
+    """|x| up to 1e4 in float32, in both directions, with non-trivial weights."""
+    torch.manual_seed(0)
+    flow = flows.build(name, 3, 2, **small_options(name))
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    v = torch.tensor([-1e4, -1e3, -5.0, 0.0, 5.0, 1e3, 1e4])
+    x = torch.cartesian_prod(v, v, v)
+    c = torch.randn(len(x), 2) * 1e2
+    with torch.no_grad():
+        lp = flow.log_prob(x, c)
+        z, li = flow.transform.inverse(x, c)
+        x2, lf = flow.transform(x, c)
+    for what, t in {"log_prob": lp, "z": z, "ladj": li, "x": x2, "forward ladj": lf}.items():
+        assert not t.isnan().any(), f"{name}: NaN in {what}"

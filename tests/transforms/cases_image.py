@@ -1,0 +1,56 @@
+"""Contract cases for the image transforms (squeeze, per-pixel maps, factor-out)."""
+
+from __future__ import annotations
+
+from pushforward.core import Compose
+from pushforward.transforms.elementwise import LeakyReLU
+from pushforward.transforms.image import FactorOut, InvertibleConv1x1, PerPixel, Squeeze
+from pushforward.transforms.linear import ActNorm, ElementwiseAffine
+from tests.checks import Case
+
+
+def _multiscale(context: int = 0):
+    """Two levels: 1x1 conv on (2, 4, 4), squeeze to (8, 2, 2), factor out 4, conv on 4."""
+    deeper = FactorOut(InvertibleConv1x1(4, context, seed=1), channels=8)
+    return Compose(deeper, Squeeze(), InvertibleConv1x1(2, context, seed=0))
+
+
+CASES: list[Case] = [
+    Case("squeeze", lambda: Squeeze(), (4, 2, 3), integrate=False),
+    Case("squeeze_3", lambda: Squeeze(3), (18, 1, 2), integrate=False),
+    Case("conv1x1", lambda: InvertibleConv1x1(3, seed=0), (3, 2, 3), integrate=False),
+    Case(
+        "conv1x1_conditional",
+        lambda: InvertibleConv1x1(3, 2, seed=0),
+        (3, 2, 2),
+        context_features=2,
+        integrate=False,
+    ),
+    Case(
+        "per_pixel_leaky_relu",
+        lambda: PerPixel(LeakyReLU(0.5, learnable=True, context_features=2)),
+        (2, 2, 2),
+        context_features=2,
+        integrate=False,
+    ),
+    Case(
+        "per_pixel_affine",
+        lambda: PerPixel(ElementwiseAffine(2)),
+        (2, 3, 2),
+        integrate=False,
+    ),
+    Case(
+        "factor_out",
+        lambda: FactorOut(ActNorm(2, event_dim=3), channels=4),
+        (4, 2, 2),
+        integrate=False,
+    ),
+    Case("multiscale", _multiscale, (8, 2, 2), integrate=False),
+    Case(
+        "multiscale_conditional",
+        lambda: _multiscale(3),
+        (8, 2, 2),
+        context_features=3,
+        integrate=False,
+    ),
+]
