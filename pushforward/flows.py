@@ -28,6 +28,8 @@ class Recipe:
     name: str
     summary: str
     fn: Callable[..., Flow]
+    #: True for image flows, built over an event shape ``(channels, height, width)``
+    image: bool = False
 
     @property
     def options(self) -> dict[str, object]:
@@ -43,13 +45,16 @@ class Recipe:
 _REGISTRY: dict[str, Recipe] = {}
 
 
-def register(name: str, summary: str) -> Callable[[Callable[..., Flow]], Callable[..., Flow]]:
-    """Register ``fn(features, context_features=0, *, option=default, ...) -> Flow``."""
+def register(
+    name: str, summary: str, image: bool = False
+) -> Callable[[Callable[..., Flow]], Callable[..., Flow]]:
+    """Register ``fn(features, context_features=0, *, option=default, ...) -> Flow``;
+    ``features`` is an ``int`` for vector flows and ``(C, H, W)`` for ``image=True`` ones."""
 
     def deco(fn: Callable[..., Flow]) -> Callable[..., Flow]:
         if name in _REGISTRY:
             raise RuntimeError(f"flow {name!r} registered twice")
-        _REGISTRY[name] = Recipe(name, summary, fn)
+        _REGISTRY[name] = Recipe(name, summary, fn, image)
         return fn
 
     return deco
@@ -67,8 +72,11 @@ def describe(name: str) -> Recipe:
     return _REGISTRY[name]
 
 
-def build(name: str, features: int, context_features: int = 0, **options) -> Flow:
-    """Build the registered flow ``name`` over ``features`` dimensions."""
+def build(
+    name: str, features: int | tuple[int, int, int], context_features: int = 0, **options
+) -> Flow:
+    """Build the registered flow ``name`` over ``features`` dimensions (vector flows) or over
+    images of shape ``features = (channels, height, width)`` (image flows)."""
     recipe = describe(name)
     allowed = recipe.options
     for key in options:
@@ -77,7 +85,23 @@ def build(name: str, features: int, context_features: int = 0, **options) -> Flo
                 f"flow {name!r} has no option {key!r}; its options are: "
                 f"{', '.join(allowed) or 'none'}"
             )
-    if not isinstance(features, int) or features < 1:
+    if recipe.image:
+        ok = isinstance(features, (tuple, list)) and len(features) == 3
+        if not ok or not all(
+            isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in features
+        ):
+            raise PushforwardError(
+                f"flow {name!r} is an image flow: features must be (channels, height, width), "
+                f"got {features!r}"
+            )
+        features = tuple(features)
+    elif isinstance(features, (tuple, list)):
+        raise PushforwardError(
+            f"flow {name!r} is a vector flow: features must be a positive integer, got "
+            f"{tuple(features)!r} (image flows: "
+            f"{', '.join(n for n, r in _REGISTRY.items() if r.image) or 'none'})"
+        )
+    elif isinstance(features, bool) or not isinstance(features, int) or features < 1:
         raise PushforwardError(f"features must be a positive integer, got {features!r}")
     if not isinstance(context_features, int) or context_features < 0:
         raise PushforwardError(
@@ -449,3 +473,310 @@ def cclin_iaf(
     k = _check_positive("components", components)
     t = ConvexCombinationLinear(features, k, context_features, _check_hidden(hidden))
     return _flow(base, features, context_features, t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image flows: multi-scale recursions of Squeeze, steps and FactorOut (transforms/image.py).
+# Layers are listed in the data-to-base direction, as the papers describe them, and composed in
+# reverse (Compose lists the generative direction).
+
+
+def _data_direction(*layers: Transform) -> Transform:
+    return Compose(*reversed(layers))
+
+
+def _conv_hidden(hidden) -> tuple[int, int]:
+    """``hidden`` of an image flow: one entry per residual block, all the same width."""
+    widths = _check_hidden(hidden)
+    if len(set(widths)) != 1:
+        raise PushforwardError(
+            f"option hidden of an image flow lists one width per residual block, all equal; "
+            f"got {hidden!r}"
+        )
+    return widths[0], len(widths)
+
+
+def _conv_coupling(mask: torch.Tensor, context_features: int, hidden, transformer=None):
+    from .nn.convnet import ConvResNet
+    from .transforms.coupling import Coupling
+    from .transforms.transformers import AffineTransformer
+
+    tr = transformer or AffineTransformer()
+    width, blocks = hidden
+    net = ConvResNet(
+        mask.shape[0],
+        tr.params_per_feature,
+        hidden=width,
+        blocks=blocks,
+        context_features=context_features,
+        init=tr.identity_params(),
+    )
+    return Coupling(mask, tr, conditioner=net, context_features=context_features)
+
+
+def _halve(c: int, h: int, w: int, name: str) -> tuple[int, int, int]:
+    if h % 2 or w % 2:
+        raise PushforwardError(
+            f"{name}: cannot squeeze {h}x{w} images (height and width must be even at every "
+            f"level); use fewer levels"
+        )
+    return 4 * c, h // 2, w // 2
+
+
+def _preprocess(features: tuple[int, int, int], logit: float) -> list[Transform]:
+    """Pixels in [0, 1] -> the real line by RealNVP's logit (data direction), if asked."""
+    from .transforms.elementwise import Logit
+
+    if logit is None or logit is False:
+        return []
+    return [Inverse(Logit(float(logit), event_dim=3))]
+
+
+def _glow_level(shape, context_features, levels, steps, hidden, seed=0) -> Transform:
+    from .transforms.coupling import channel_mask
+    from .transforms.image import FactorOut, InvertibleConv1x1, Squeeze
+    from .transforms.linear import ActNorm
+
+    c, h, w = _halve(*shape, "glow")
+    layers: list[Transform] = [Squeeze()]
+    for k in range(steps):
+        layers += [
+            ActNorm(c, event_dim=3),
+            InvertibleConv1x1(c, context_features, seed=seed + k),
+            _conv_coupling(channel_mask(c, h, w, flip=k % 2 == 1), context_features, hidden),
+        ]
+    if levels > 1:
+        inner = _glow_level(
+            (c - c // 2, h, w), context_features, levels - 1, steps, hidden, seed + steps
+        )
+        layers.append(FactorOut(inner, channels=c))
+    layers.append(Inverse(Squeeze()))
+    return _data_direction(*layers)
+
+
+@register(
+    "glow",
+    "Glow (Kingma & Dhariwal 2018): L levels of K steps actnorm -> 1x1 conv -> affine coupling",
+    image=True,
+)
+def glow(
+    features: tuple[int, int, int],
+    context_features: int = 0,
+    *,
+    levels: int = 2,
+    layers: int = 8,
+    hidden: tuple[int, ...] = (64, 64),
+    logit: float | None = 0.05,
+    base: str = "normal",
+):
+    """Images in [0, 1] (dequantized pixels / levels). Each level squeezes, runs ``layers``
+    steps, factors out half of the channels (all levels but the last) and unsqueezes, so the
+    latent has the image's shape."""
+    lv, k = _check_positive("levels", levels), _check_positive("layers", layers)
+    t = _glow_level(features, context_features, lv, k, _conv_hidden(hidden))
+    t = _data_direction(*_preprocess(features, logit), t)
+    return Flow(_image_base(base, features), t, context_features)
+
+
+def _realnvp_level(shape, context_features, levels, steps, hidden) -> Transform:
+    from .transforms.coupling import channel_mask, checkerboard_mask
+    from .transforms.image import FactorOut, Squeeze
+    from .transforms.linear import ActNorm
+
+    c, h, w = shape
+    layers: list[Transform] = []
+    n_check = steps if levels > 1 else steps + 1  # the last scale: one more, as in the paper
+    for k in range(n_check):
+        layers += [
+            ActNorm(c, event_dim=3),
+            _conv_coupling(checkerboard_mask(c, h, w, flip=k % 2 == 1), context_features, hidden),
+        ]
+    if levels > 1:
+        c4, h2, w2 = _halve(c, h, w, "realnvp-image")
+        layers.append(Squeeze())
+        for k in range(steps):
+            layers += [
+                ActNorm(c4, event_dim=3),
+                _conv_coupling(channel_mask(c4, h2, w2, flip=k % 2 == 1), context_features, hidden),
+            ]
+        inner = _realnvp_level((c4 - c4 // 2, h2, w2), context_features, levels - 1, steps, hidden)
+        layers += [FactorOut(inner, channels=c4), Inverse(Squeeze())]
+    return _data_direction(*layers)
+
+
+@register(
+    "realnvp-image",
+    "multi-scale RealNVP (Dinh et al. 2017): checkerboard, squeeze, channel couplings, factor out",
+    image=True,
+)
+def realnvp_image(
+    features: tuple[int, int, int],
+    context_features: int = 0,
+    *,
+    levels: int = 2,
+    layers: int = 3,
+    hidden: tuple[int, ...] = (64, 64),
+    logit: float | None = 0.05,
+    base: str = "normal",
+):
+    """Images in [0, 1]. Each scale: ``layers`` checkerboard affine couplings, squeeze,
+    ``layers`` channel-wise couplings, factor out half; the last scale ``layers + 1``
+    checkerboard couplings. ActNorm before every coupling stands in for the paper's batch
+    normalisation (same role, no batch statistics at sampling time)."""
+    lv, k = _check_positive("levels", levels), _check_positive("layers", layers)
+    t = _realnvp_level(features, context_features, lv, k, _conv_hidden(hidden))
+    t = _data_direction(*_preprocess(features, logit), t)
+    return Flow(_image_base(base, features), t, context_features)
+
+
+def _image_base(kind: str, shape: tuple[int, int, int]) -> Base:
+    if kind != "normal":
+        raise PushforwardError(f"unknown base {kind!r} for an image flow; choose from: normal")
+    return StandardNormal(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Coupling flows: NICE, RealNVP and the coupling neural spline flow are one structure
+# (transforms.coupling.Coupling) with three transformers. With one feature a coupling layer has
+# no identity part: every layer then transforms that feature, with parameters from the context
+# (or learned constants), so the recipes still build and train at features == 1.
+
+
+def _equal_widths(name: str, widths: tuple[int, ...]) -> tuple[int, ...]:
+    """Residual conditioners add states of one width: every entry of ``hidden`` must be equal."""
+    if len(set(widths)) != 1:
+        raise PushforwardError(
+            f"option hidden: {name}'s conditioner is a residual MLP (one block per entry), so "
+            f"the widths must be equal, got {widths}"
+        )
+    return widths
+
+
+def _alternating_mask(features: int, layer: int):
+    """NICE's odd/even partition, flipped every other layer (never at one feature: the only
+    feature is always the transformed one)."""
+    from .transforms.coupling import split_mask
+
+    return split_mask(features, "alternating", flip=features > 1 and layer % 2 == 1)
+
+
+@register(
+    "nice",
+    "NICE (Dinh et al. 2014): additive couplings on alternating odd/even features + diagonal "
+    "scaling",
+)
+def nice(
+    features: int,
+    context_features: int = 0,
+    *,
+    layers: int = 4,
+    hidden: tuple[int, ...] = (256, 256, 256, 256),
+    base: str = "normal",
+):
+    """NICE: ``layers`` additive coupling layers :math:`x_B = z_B + t(z_A)` whose identity and
+    transformed features swap every layer (odd/even), and the diagonal scaling layer
+    :math:`e^{s} \\odot z` (with a shift; its log-determinant :math:`\\sum_i s_i` is the model's
+    only volume change), which sits on the latent side as in the paper. Defaults: the paper's 4
+    coupling layers; its coupling networks were 5 ReLU layers of 1000 units for 784-D images,
+    here 4 of 256 for tabular sizes."""
+    from .transforms.coupling import Coupling
+    from .transforms.linear import ElementwiseAffine
+    from .transforms.transformers import AdditiveTransformer
+
+    k = _check_positive("layers", layers)
+    h = _check_hidden(hidden)
+    parts: list[Transform] = [ElementwiseAffine(features, context_features, h)]
+    for i in range(k):
+        mask = _alternating_mask(features, i)
+        parts.append(Coupling(mask, AdditiveTransformer(), None, context_features, h))
+    return _flow(base, features, context_features, Compose(*parts))
+
+
+@register(
+    "realnvp",
+    "RealNVP (Dinh et al. 2017): affine couplings on alternating odd/even features",
+)
+def realnvp(
+    features: int,
+    context_features: int = 0,
+    *,
+    layers: int = 10,
+    hidden: tuple[int, ...] = (256, 256),
+    base: str = "normal",
+    batch_norm: bool = False,
+):
+    """RealNVP for vectors: ``layers`` affine coupling layers
+    :math:`x_B = z_B \\odot e^{s(z_A)} + t(z_A)` with alternating (odd/even) masks flipped every
+    layer, optionally with batch normalisation between them. Defaults: the ten coupling layers
+    of the tabular baseline "Real NVP (10)" of Papamakarios et al. (2017), with conditioners of
+    two hidden layers of 256 units; the soft-bounded log-scales and identity initialisation of
+    :class:`~pushforward.transforms.coupling.Coupling` (and the standardisation done by ``fit``)
+    make batch normalisation unnecessary by default; ``batch_norm=True`` puts it between the
+    coupling layers as in that baseline."""
+    from .transforms.coupling import Coupling
+    from .transforms.linear import BatchNorm
+    from .transforms.transformers import AffineTransformer
+
+    k = _check_positive("layers", layers)
+    h = _check_hidden(hidden)
+    if not isinstance(batch_norm, bool):
+        raise PushforwardError(f"option batch_norm must be True or False, got {batch_norm!r}")
+    parts: list[Transform] = []
+    for i in range(k):
+        if batch_norm and i:
+            parts.append(BatchNorm(features))
+        mask = _alternating_mask(features, i)
+        parts.append(Coupling(mask, AffineTransformer(), None, context_features, h))
+    return _flow(base, features, context_features, Compose(*parts))
+
+
+@register(
+    "nsf-coupling",
+    "coupling neural spline flow (Durkan et al. 2019): RQ-spline couplings between LU linear "
+    "layers",
+)
+def nsf_coupling(
+    features: int,
+    context_features: int = 0,
+    *,
+    layers: int = 10,
+    hidden: tuple[int, ...] = (256, 256),
+    bins: int = 8,
+    base: str = "normal",
+    permutation: str = "lu",
+):
+    """Coupling NSF: ``layers`` rational-quadratic spline couplings (``bins`` bins on
+    :math:`[-5, 5]`, identity tails) of the last :math:`\\lceil d/2 \\rceil` features, with
+    residual-MLP conditioners (one block per ``hidden`` entry, equal widths) and a mixing layer
+    between them: ``permutation="lu"`` (default) a learnable LU-decomposed linear map starting at
+    a random rotation, before every coupling and after the last, as in Durkan et al. (2019);
+    ``"random"`` or ``"reverse"`` a fixed permutation between couplings. Defaults: the paper's
+    tabular setup of 10 steps, 8 bins and two residual blocks of 256 units."""
+    from .transforms.coupling import Coupling, split_mask
+    from .transforms.linear import LULinear, Permutation
+    from .transforms.splines import RQSplineTransformer
+
+    k, b = _check_positive("layers", layers), _check_positive("bins", bins)
+    h = _equal_widths("nsf-coupling", _check_hidden(hidden))
+    if permutation not in ("lu", "random", "reverse"):
+        raise PushforwardError(
+            f"unknown permutation {permutation!r}; choose from: lu, random, reverse"
+        )
+
+    def mix(i: int) -> Transform:
+        if permutation == "lu":
+            return LULinear(features, seed=i)
+        if permutation == "random":
+            return Permutation.random(features, seed=i)
+        return Permutation.reverse(features)
+
+    mask = split_mask(features, "half")
+    parts: list[Transform] = []
+    for i in range(k):
+        if i or permutation == "lu":
+            parts.append(mix(i))
+        spline = RQSplineTransformer(bins=b)
+        parts.append(Coupling(mask, spline, None, context_features, h, residual=True))
+    if permutation == "lu":
+        parts.append(mix(k))
+    return _flow(base, features, context_features, Compose(*parts))

@@ -145,7 +145,7 @@ def _from_json_option(value: Any) -> Any:
 
 def make_config(
     flow: str,
-    features: int,
+    features: int | tuple[int, ...],
     context_features: int = 0,
     options: dict[str, Any] | None = None,
     scaling: tuple[Tensor, Tensor] | None = None,
@@ -155,7 +155,8 @@ def make_config(
 
     Args:
         flow: registered recipe name.
-        features: number of features.
+        features: number of features (vector flows) or the event shape ``(C, H, W)`` (image
+            flows).
         context_features: size of the conditioning vector.
         options: the recipe options used (only those given; the rest are its defaults).
         scaling: ``(loc, scale)`` of the data standardisation, or ``None``.
@@ -166,7 +167,7 @@ def make_config(
         "format_version": FORMAT_VERSION,
         "library_version": _library_version(),
         "flow": flow,
-        "features": int(features),
+        "features": _features_json(features),
         "context_features": int(context_features),
         "options": _jsonable(dict(options or {})),
         "scaling": None,
@@ -176,6 +177,21 @@ def make_config(
         config["scaling"] = {"loc": loc.tolist(), "scale": scale.tolist()}
     config.update(_jsonable(extras))
     return config
+
+
+def _features_json(features: int | tuple[int, ...] | list[int]) -> int | list[int]:
+    if isinstance(features, (tuple, list)):
+        return [int(f) for f in features]
+    return int(features)
+
+
+def _valid_features(value: Any) -> bool:
+    def positive(v: Any) -> bool:
+        return not isinstance(v, bool) and isinstance(v, int) and v >= 1
+
+    if isinstance(value, list):
+        return 1 <= len(value) <= 3 and all(positive(v) for v in value)
+    return positive(value)
 
 
 def _check_config(config: Any, where: str) -> dict[str, Any]:
@@ -199,11 +215,17 @@ def _check_config(config: Any, where: str) -> dict[str, Any]:
     name = config.get("flow")
     if not isinstance(name, str) or not name:
         raise PushforwardError(f"{where}: 'flow' must name a registered flow, got {name!r}")
-    for key, low in (("features", 1), ("context_features", 0)):
-        value = config.setdefault(key, 0) if key == "context_features" else config.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            what = "positive" if low else "non-negative"
-            raise PushforwardError(f"{where}: {key!r} must be a {what} integer, got {value!r}")
+    features = config.get("features")
+    if not _valid_features(features):
+        raise PushforwardError(
+            f"{where}: 'features' must be a positive integer or a list of up to 3 positive "
+            f"integers (an event shape), got {features!r}"
+        )
+    value = config.setdefault("context_features", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise PushforwardError(
+            f"{where}: 'context_features' must be a non-negative integer, got {value!r}"
+        )
     options = config.setdefault("options", {})
     if options is None:
         options = config["options"] = {}
@@ -251,9 +273,9 @@ def model_from_config(config: dict[str, Any], where: str = "config") -> Flow:
     config = _check_config(config, where)
     options = {k: _from_json_option(v) for k, v in config["options"].items()}
     try:
-        flow = flows.build(
-            config["flow"], config["features"], config["context_features"], **options
-        )
+        features = config["features"]
+        features = tuple(features) if isinstance(features, list) else features
+        flow = flows.build(config["flow"], features, config["context_features"], **options)
     except PushforwardError as e:
         raise PushforwardError(f"{where}: {e}") from None
     except (TypeError, ValueError, RuntimeError) as e:

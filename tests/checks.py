@@ -125,7 +125,7 @@ def check_directions(case: Case, t: Transform, z: Tensor, c: Tensor | None) -> N
         _close(li[i], ld, case.ladj_atol, f"inverse ladj vs autograd slogdet (row {i})")
         xi, lfi = t(z[i : i + 1], ci)
         # float64 agreement up to summation order, relative to the size of the values
-        scale = 1.0 + float(x[i].abs().max()) + float(lf[i].abs())
+        scale = 1.0 + float(x[i].detach().abs().max()) + float(lf[i].detach().abs())
         _close(xi[0], x[i], 1e-10 * scale, f"batch of one vs row {i} of a batch (output)")
         _close(lfi[0], lf[i], 1e-10 * scale, f"batch of one vs row {i} of a batch (ladj)")
 
@@ -231,7 +231,9 @@ def check_transform(case: Case) -> None:
         check_integrates(case, t)
 
 
-def check_flow(name: str, features: int, context_features: int = 0, **options) -> None:
+def check_flow(
+    name: str, features: int | tuple[int, ...], context_features: int = 0, **options
+) -> None:
     """Every check for a registered flow: its transform through :func:`check_transform`, then
     ``Flow``-level identities, the ``torch.distributions`` view, save/load through ``io``, and
     (1-D/2-D, unconditional) that ``log_prob`` integrates to 1."""
@@ -245,15 +247,16 @@ def check_flow(name: str, features: int, context_features: int = 0, **options) -
     # In one dimension some parameters are dead by design: an unconditional MADE's first layer
     # is fully masked (it sees nothing), and ccLinIAF's mixture weights combine 1x1 unit
     # triangular matrices, all equal to 1.
+    event = (features,) if isinstance(features, int) else tuple(features)
     dead = ()
-    if features == 1 and context_features == 0:
+    if event == (1,) and context_features == 0:
         dead = ("made.layers.0.weight", "params.params.logits")
     # a parameter-free transform (MADE MoG's identity) ignores the context; the base uses it
     free = not any(True for _ in make().parameters())
     case = Case(
         name,
         make,
-        (features,),
+        event,
         0 if free else context_features,
         perturb=0.05,
         integrate=False,
@@ -274,13 +277,13 @@ def check_flow(name: str, features: int, context_features: int = 0, **options) -
     flow.train()
     with torch.no_grad():
         flow.log_prob(
-            flow.sample((64,), c[:1] if c is not None else None).reshape(64, -1),
+            flow.sample((64,), c[:1] if c is not None else None).reshape(64, *event),
             None if c is None else c[:1].expand(64, -1),
         )
     flow.eval()
     with torch.no_grad():
         x = flow.sample((), c) if c is not None else flow.sample(7)
-        assert x.shape == (7, features), f"sample shape {tuple(x.shape)}"
+        assert x.shape == (7, *event), f"sample shape {tuple(x.shape)}"
         lp = flow.log_prob(x, c)
         z = flow.latent(x, c)
         _, li = flow.transform.inverse(x, c)
@@ -306,7 +309,8 @@ def check_flow(name: str, features: int, context_features: int = 0, **options) -
             loaded = loaded.double()
             _close(loaded.log_prob(x, c), lp, 1e-12, "log_prob after save/load")
 
-    if features in (1, 2) and context_features == 0:
+    if event in ((1,), (2,)) and context_features == 0:
+        features = event[0]
         with torch.no_grad():
             xs = flow.sample(20000)
             lo, hi = xs.min(0).values, xs.max(0).values

@@ -19,10 +19,15 @@ def small_options(name: str, layers: int = 2) -> dict:
         opts["layers"] = layers
     if "bins" in allowed:
         opts["bins"] = 4
+    if flows.describe(name).image:
+        opts["hidden"] = (4,)
     return opts
 
 
-CASES = [(name, d, c) for name in flows.names() for d, c in ((1, 0), (2, 0), (3, 2))]
+VECTOR = [n for n in flows.names() if not flows.describe(n).image]
+IMAGE = [n for n in flows.names() if flows.describe(n).image]
+CASES = [(name, d, c) for name in VECTOR for d, c in ((1, 0), (2, 0), (3, 2))]
+CASES += [(name, s, c) for name in IMAGE for s, c in (((1, 4, 4), 0), ((2, 4, 4), 2))]
 
 
 @pytest.mark.parametrize("name,features,context", CASES, ids=lambda v: str(v))
@@ -135,3 +140,20 @@ def test_extreme_finite_inputs_give_no_nan(name: str) -> None:
         x2, lf = flow.transform(x, c)
     for what, t in {"log_prob": lp, "z": z, "ladj": li, "x": x2, "forward ladj": lf}.items():
         assert not t.isnan().any(), f"{name}: NaN in {what}"
+
+
+def test_image_flows_need_an_image_shape() -> None:
+    with pytest.raises(PushforwardError, match=r"image flow: features must be \(channels, h"):
+        flows.build("glow", 16)
+    with pytest.raises(PushforwardError, match="vector flow: features must be a positive"):
+        flows.build("maf", (1, 4, 4))
+    with pytest.raises(PushforwardError, match="cannot squeeze 7x7 images"):
+        flows.build("glow", (1, 14, 14), levels=2)
+
+
+@pytest.mark.parametrize("name", ["glow", "realnvp-image"])
+def test_image_flow_latent_has_the_image_shape(name: str) -> None:
+    flow = flows.build(name, (1, 8, 8), layers=1, hidden=(4,))
+    x = torch.rand(3, 1, 8, 8)
+    assert flow.latent(x).shape == x.shape
+    assert flow.log_prob(x).shape == (3,)

@@ -315,3 +315,20 @@ def test_double_backward_is_refused():
     (g,) = torch.autograd.grad(lad.sum(), w, create_graph=True)
     with pytest.raises(RuntimeError):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rows_do_not_depend_on_the_rest_of_the_batch(inverse):
+    """Each row's result is the same alone and in a batch (no batch-wide shift of logits)."""
+    g = torch.Generator().manual_seed(5)
+    k = 6
+    w, h = (torch.randn(6, k, generator=g, dtype=torch.float64) * 3 for _ in range(2))
+    d = torch.randn(6, k - 1, generator=g, dtype=torch.float64)
+    w[0] += 20  # rows on very different scales
+    x = torch.linspace(-4, 4, 6, dtype=torch.float64)
+    y, lad = rational_quadratic_spline(x, w, h, d, inverse=inverse)
+    for i in range(6):
+        yi, ladi = rational_quadratic_spline(
+            x[i : i + 1], w[i : i + 1], h[i : i + 1], d[i : i + 1], inverse=inverse
+        )
+        assert torch.equal(yi[0], y[i]) and torch.equal(ladi[0], lad[i])

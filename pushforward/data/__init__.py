@@ -15,6 +15,10 @@ Built-in names and their splits:
   seed :data:`MINIBOONE_SEED` (= 70). The file ``miniboone.npz`` is searched for in
   ``$PUSHFORWARD_DATA``, then ``../shared/data/`` relative to the current directory, then
   ``../shared/data/`` relative to the repository root; it is never downloaded.
+* ``mnist``: 60,000 ``train`` and 10,000 ``test`` images, ``uint8`` ``(N, 1, 28, 28)``, from
+  ``mnist.npz`` or the classic idx files, found the same way (:mod:`pushforward.data.images`).
+* ``digits``: scikit-learn's 1,797 8x8 digits with 17 levels, ``(N, 1, 8, 8)``, split
+  1,500/297 by a fixed permutation.
 
 Example:
     >>> load("moons").shape, load("moons", "test").shape
@@ -30,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core import PushforwardError
+from .images import load_digits, load_mnist
 from .tabular import EXTENSIONS, load_array
 from .toy import sample_toy, toy_log_prob, toy_names
 
@@ -39,6 +44,7 @@ __all__ = [
     "splits",
     "is_builtin",
     "find_data_file",
+    "search_folders",
     "load_array",
     "sample_toy",
     "toy_names",
@@ -63,15 +69,22 @@ _MINIBOONE_FRACTIONS = (0.7, 0.1)  # train, valid; test is the rest
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def find_data_file(filename: str) -> Path:
-    """The first existing ``filename`` in ``$PUSHFORWARD_DATA``, ``./../shared/data`` and
-    ``<repository root>/../shared/data``; a clear error listing the places searched otherwise."""
+def search_folders() -> list[Path]:
+    """Where data files are looked for, in order: ``$PUSHFORWARD_DATA``, ``./../shared/data``,
+    ``<repository root>/../shared/data``."""
     places: list[Path] = []
     env = os.environ.get(DATA_ENV)
     if env:
         places.append(Path(env).expanduser())
     places.append(Path.cwd() / ".." / "shared" / "data")
     places.append(_REPO_ROOT / ".." / "shared" / "data")
+    return places
+
+
+def find_data_file(filename: str) -> Path:
+    """The first existing ``filename`` in :func:`search_folders`; a clear error listing the
+    places searched otherwise."""
+    places = search_folders()
     for folder in places:
         candidate = folder / filename
         if candidate.is_file():
@@ -112,6 +125,8 @@ def _miniboone(split: str) -> np.ndarray:
 _BUILTINS: dict[str, tuple[tuple[str, ...], Callable[[str], np.ndarray]]] = {
     **{name: (("train", "test"), _toy_loader(name)) for name in toy_names()},
     "miniboone": (("train", "valid", "test"), _miniboone),
+    "mnist": (("train", "test"), lambda split: load_mnist(split)),
+    "digits": (("train", "test"), lambda split: load_digits(split)),
 }
 
 
@@ -149,7 +164,8 @@ def load(source: str, split: str = "train", key: str | None = None) -> np.ndarra
         key: the array of a ``.npz`` file (default: its first array).
 
     Returns:
-        An array of shape ``(rows, features, ...)``; built-ins are ``float32``.
+        An array of shape ``(rows, features, ...)``; built-in vectors are ``float32``,
+        built-in images ``uint8`` of shape ``(N, C, H, W)``.
     """
     source = str(source)
     if source in _BUILTINS:

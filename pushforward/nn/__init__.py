@@ -1,6 +1,8 @@
-"""Conditioner networks: MLP (and, as families land, MADE, ResNet, ConvNet)."""
+"""Conditioner networks: MLP, residual MLP, MADE (masked, with degrees), convolutional ResNet."""
 
+from .convnet import ConvResNet
 from .made import MADE
 from .mlp import MLP
+from .resnet import ResidualMLP
 
-__all__ = ["MADE", "MLP"]
+__all__ = ["ConvResNet", "MADE", "MLP", "ResidualMLP"]

@@ -6,6 +6,7 @@ Structures (:class:`MaskedAutoregressive`, :class:`Coupling`) take elementwise t
 """
 
 from .autoregressive import MaskedAutoregressive, iaf_layer
+from .coupling import Coupling, channel_mask, checkerboard_mask, split_mask
 from .elementwise import (
     LeakyReLU,
     Logit,
@@ -17,6 +18,7 @@ from .elementwise import (
     piecewise_linear,
 )
 from .householder import Householder, householder_apply, householder_product
+from .image import FactorOut, InvertibleConv1x1, PerPixel, Squeeze
 from .linear import (
     ActNorm,
     BatchNorm,
@@ -39,14 +41,18 @@ __all__ = [
     "AffineTransformer",
     "BatchNorm",
     "ConvexCombinationLinear",
+    "Coupling",
     "DeepSigmoidTransformer",
     "ElementwiseAffine",
+    "FactorOut",
     "FullAffine",
     "Householder",
+    "InvertibleConv1x1",
     "LULinear",
     "LeakyReLU",
     "Logit",
     "MaskedAutoregressive",
+    "PerPixel",
     "Permutation",
     "PiecewiseLinear",
     "PiecewiseLinearTransformer",
@@ -54,9 +60,12 @@ __all__ = [
     "RQSplineTransformer",
     "Radial",
     "Sigmoid",
+    "Squeeze",
     "Standardization",
     "Tanh",
     "TriangularLinear",
+    "channel_mask",
+    "checkerboard_mask",
     "deep_sigmoid_flow",
     "householder_apply",
     "householder_product",
@@ -64,4 +73,5 @@ __all__ = [
     "log_sigmoid_derivative",
     "piecewise_linear",
     "rational_quadratic_spline",
+    "split_mask",
 ]

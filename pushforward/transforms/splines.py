@@ -235,10 +235,13 @@ def _unconstrained(
     peak = None
     if u.device.type == "cpu" and u.numel():
         # one cheap pass over all the parameters instead of a max per row over strided logits:
-        # if they span less than 0.9 of the exponent range, their common maximum serves every row
+        # if every logit lies within 0.4 of the exponent range of 0, the constant shift 0
+        # serves every row (no overflow or underflow), and, being the same for every batch,
+        # keeps each row's result independent of the rest of the batch
         lo, hi = torch.aminmax(u.detach())
-        if float(hi - lo) < -0.9 * math.log(torch.finfo(u.dtype).tiny):
-            peak = float(hi)
+        safe = -0.4 * math.log(torch.finfo(u.dtype).tiny)
+        if -safe < float(lo) and float(hi) < safe:
+            peak = 0.0
     u = u.expand(*shape, u.shape[-1]).movedim(-1, 0)
     return _spline(x.expand(shape), u, inverse, bound, min_w, min_h, min_d, shift, peak)
 

@@ -54,3 +54,44 @@ CASES: list[Case] = [
         integrate=False,
     ),
 ]
+
+
+def _image_coupling(kind: str, transformer: str, context: int = 0):
+    from pushforward.nn.convnet import ConvResNet
+    from pushforward.transforms.coupling import Coupling, channel_mask, checkerboard_mask
+    from pushforward.transforms.splines import RQSplineTransformer
+    from pushforward.transforms.transformers import AdditiveTransformer, AffineTransformer
+
+    tr = {
+        "affine": AffineTransformer,
+        "additive": AdditiveTransformer,
+        "spline": lambda: RQSplineTransformer(bins=3),
+    }[transformer]()
+    mask = checkerboard_mask(2, 2, 2) if kind == "checkerboard" else channel_mask(2, 2, 2)
+    net = ConvResNet(
+        2,
+        tr.params_per_feature,
+        hidden=4,
+        blocks=1,
+        context_features=context,
+        init=tr.identity_params(),
+    )
+    return Coupling(mask, tr, conditioner=net, context_features=context)
+
+
+CASES += [
+    Case(
+        f"coupling_{kind}_{tr}{'_conditional' if c else ''}",
+        lambda kind=kind, tr=tr, c=c: _image_coupling(kind, tr, c),
+        (2, 2, 2),
+        context_features=c,
+        integrate=False,
+    )
+    for kind, tr, c in [
+        ("checkerboard", "affine", 0),
+        ("channel", "affine", 0),
+        ("checkerboard", "additive", 0),
+        ("channel", "spline", 2),
+        ("checkerboard", "affine", 2),
+    ]
+]

@@ -1,0 +1,115 @@
+r"""A small convolutional ResNet: the conditioner of image coupling layers (RealNVP, Glow).
+
+.. math::
+    h_0 = \operatorname{conv}_{3\times3}([v, c]), \quad
+    h_{k+1} = h_k + \operatorname{conv}_{3\times3}(\sigma(\operatorname{conv}_{3\times3}
+    (\sigma(h_k)))), \quad
+    \theta = \operatorname{conv}_{3\times3}(\sigma(h_K))
+
+with the context :math:`c` broadcast as constant extra input channels. The last convolution
+starts at zero weights and bias ``init`` per head, so a coupling layer driven by a fresh
+network is the identity (Glow's zero initialisation, Kingma & Dhariwal 2018, section 3.3).
+
+References:
+    He, Zhang, Ren and Sun (2016), "Deep residual learning for image recognition",
+    arXiv:1512.03385.
+    Dinh, Sohl-Dickstein and Bengio (2016), "Density estimation using Real NVP",
+    arXiv:1605.08803 (ResNet conditioners).
+    Kingma and Dhariwal (2018), "Glow: Generative flow with invertible 1x1 convolutions",
+    arXiv:1807.03039.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core import PushforwardError, check_context, check_positive_int, shape_str
+
+__all__ = ["ConvResNet"]
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h + self.conv2(F.relu(self.conv1(F.relu(h))))
+
+
+class ConvResNet(nn.Module):
+    """Convolutional ResNet mapping images ``(*batch, C, H, W)`` (and an optional context) to
+    ``heads`` parameters per entry, ``(*batch, C_out, H, W, heads)``.
+
+    The output layout is what :class:`~pushforward.transforms.coupling.Coupling` accepts from
+    a custom conditioner: parameters for every entry, of which the layer uses those of the
+    entries it transforms.
+
+    Args:
+        in_channels: channels :math:`C` of the input.
+        heads: parameters per output entry (``transformer.params_per_feature``).
+        out_channels: channels of the output (default: ``in_channels``).
+        hidden: width of the hidden convolutions.
+        blocks: number of residual blocks.
+        context_features: size of the conditioning vector (0: unconditional).
+        init: the bias of the output per head, e.g. ``transformer.identity_params()``.
+
+    Example:
+        >>> net = ConvResNet(2, heads=2, hidden=8, blocks=1)
+        >>> net(torch.randn(5, 2, 4, 4)).shape
+        torch.Size([5, 2, 4, 4, 2])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        heads: int,
+        out_channels: int | None = None,
+        hidden: int = 64,
+        blocks: int = 2,
+        context_features: int = 0,
+        init: Tensor | None = None,
+    ):
+        super().__init__()
+        self.in_channels = check_positive_int(in_channels, "in_channels")
+        self.heads = check_positive_int(heads, "heads")
+        self.out_channels = check_positive_int(out_channels or in_channels, "out_channels")
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0:
+            raise PushforwardError(f"blocks must be a non-negative integer, got {blocks!r}")
+        self.context_features = int(context_features)
+        width = check_positive_int(hidden, "hidden")
+        self.input = nn.Conv2d(self.in_channels + self.context_features, width, 3, padding=1)
+        self.blocks = nn.ModuleList(_Block(width) for _ in range(blocks))
+        self.output = nn.Conv2d(width, self.out_channels * self.heads, 3, padding=1)
+        with torch.no_grad():
+            nn.init.zeros_(self.output.weight)
+            bias = torch.zeros(self.heads) if init is None else torch.as_tensor(init)
+            if bias.shape != (self.heads,):
+                raise PushforwardError(
+                    f"init: expected shape ({self.heads},), got {shape_str(bias.shape)}"
+                )
+            self.output.bias.copy_(bias.to(self.output.bias.dtype).repeat(self.out_channels))
+
+    def forward(self, v: Tensor, context: Tensor | None = None) -> Tensor:
+        if v.dim() < 4 or v.shape[-3] != self.in_channels:
+            raise PushforwardError(
+                f"ConvResNet: expected shape "
+                f"{shape_str(('batch', self.in_channels, 'height', 'width'))}, "
+                f"got {shape_str(v.shape)}"
+            )
+        batch, (h, w) = v.shape[:-3], v.shape[-2:]
+        c = check_context(context, self.context_features, batch)
+        x = v.reshape(-1, self.in_channels, h, w)
+        if c is not None:
+            maps = c.reshape(-1, self.context_features, 1, 1).expand(-1, -1, h, w)
+            x = torch.cat([x, maps.to(x.dtype)], 1)
+        y = self.input(x)
+        for block in self.blocks:
+            y = block(y)
+        y = self.output(F.relu(y))
+        # (N, C_out * heads, H, W) -> (*batch, C_out, H, W, heads)
+        y = y.reshape(-1, self.out_channels, self.heads, h, w).permute(0, 1, 3, 4, 2)
+        return y.reshape(*batch, self.out_channels, h, w, self.heads)
