@@ -1,7 +1,8 @@
-r"""Fitting flows: maximum likelihood on data (:func:`fit`) and reverse KL to an unnormalised
-target density (:func:`fit_target`).
+r"""Fitting flows: maximum likelihood on data (:func:`fit`), reverse KL to an unnormalised
+target density (:func:`fit_target`), and density distillation of a student flow from a trained
+teacher (:func:`distill`).
 
-Both loops use Adam with gradient-norm clipping, run reproducibly from a seed (inside a forked
+All loops use Adam with gradient-norm clipping, run reproducibly from a seed (inside a forked
 RNG state, so torch's global random state is left as it was), stop cleanly on a wall-clock
 budget, and never leave non-finite weights in the model: a non-finite loss stops the run, warns,
 and restores the last good weights. The hot loop synchronises with the device only every
@@ -13,6 +14,8 @@ References:
     arXiv:1608.03983 (the cosine learning-rate schedule).
     Rezende and Mohamed (2015), "Variational Inference with Normalizing Flows",
     arXiv:1505.05770 (section 6.1: the annealed reverse-KL fits of 2-D targets).
+    van den Oord et al. (2018), "Parallel WaveNet: Fast High-Fidelity Speech Synthesis",
+    arXiv:1711.10433 (probability density distillation).
 """
 
 from __future__ import annotations
@@ -33,13 +36,23 @@ from torch import Tensor, nn
 from .core import PushforwardError, check_finite, check_positive_int, shape_str
 from .losses import nll, reverse_kl
 
-__all__ = ["History", "fit", "fit_target", "estimate_reverse_kl", "STOP_REASONS", "CHECK_EVERY"]
+__all__ = [
+    "History",
+    "fit",
+    "fit_target",
+    "estimate_reverse_kl",
+    "distill",
+    "DISTILL_OBJECTIVES",
+    "STOP_REASONS",
+    "CHECK_EVERY",
+]
 
-#: why a run ended: ``fit`` gives one of the first four, ``fit_target`` "max-steps" or the last
-#: three
+#: why a run ended: ``fit`` gives one of the first four, ``fit_target`` and ``distill``
+#: "max-steps" or the last three
 STOP_REASONS = ("max-epochs", "early-stopping", "max-time", "non-finite", "max-steps")
 #: steps between device synchronisations (finiteness check, progress-bar loss); also the number
-#: of steps averaged into one ``History.train_loss`` entry of :func:`fit_target`
+#: of steps averaged into one ``History.train_loss`` entry of :func:`fit_target` and
+#: :func:`distill`
 CHECK_EVERY = 100
 #: rows per batch when evaluating (validation log-likelihood, reverse-KL estimates)
 EVAL_BATCH = 8192
@@ -52,7 +65,8 @@ class History:
 
     Attributes:
         train_loss: :func:`fit`: mean training loss (negative log-likelihood, nats) per epoch;
-            :func:`fit_target`: mean (annealed) reverse-KL loss per ``loss_every`` steps.
+            :func:`fit_target`: mean (annealed) reverse-KL loss per ``loss_every`` steps;
+            :func:`distill`: mean distillation objective per ``loss_every`` steps.
         valid_log_likelihood: mean validation log-likelihood (nats per example) per epoch
             (empty for :func:`fit_target`).
         best_epoch: the epoch whose weights the model holds at the end (0: the initial
@@ -591,12 +605,49 @@ def fit_target(
     if not params:
         raise PushforwardError("the flow has no trainable parameters")
 
+    return _step_loop(
+        flow,
+        params,
+        lambda step: reverse_kl(flow, log_density, batch_size, beta=_beta(step, anneal_steps)),
+        steps=steps,
+        lr=lr,
+        clip=clip,
+        max_time=max_time,
+        seed=seed,
+        progress=progress,
+        desc="fit-target",
+        callback=callback,
+    )
+
+
+def _step_loop(
+    flow: nn.Module,
+    params: list[Tensor],
+    loss_fn: Callable[[int], Tensor],
+    *,
+    steps: int,
+    lr: float,
+    clip: float | None,
+    max_time: float | None,
+    seed: int,
+    progress: bool,
+    desc: str,
+    callback: Callable[[int, History], None] | None,
+) -> History:
+    """Minimise ``loss_fn(step)`` (0-based step) for ``steps`` Adam steps over ``params`` of
+    ``flow``: the loop of :func:`fit_target` and :func:`distill`.
+
+    Seeded by ``seed`` (inside a forked RNG state), ``flow`` in train mode while it runs and in
+    eval mode after; the mean loss of every :data:`CHECK_EVERY` steps goes to
+    ``History.train_loss``; a non-finite loss or parameter stops the run with a warning and
+    restores the weights of the last finite check; ``max_time`` is checked every step.
+    """
     _, device = _like(flow)
     history = History(loss_every=CHECK_EVERY)
     start = time.perf_counter()
     optimizer = _adam(params, lr)
     good_state = _snapshot(flow)
-    bar = _progress(steps, "fit-target", progress)
+    bar = _progress(steps, desc, progress)
     stop = ""
     try:
         with _seeded(int(seed), device):
@@ -604,7 +655,7 @@ def fit_target(
             chunk_sum = torch.zeros((), dtype=torch.float64, device=device)
             chunk = 0
             for step in range(steps):
-                loss = reverse_kl(flow, log_density, batch_size, beta=_beta(step, anneal_steps))
+                loss = loss_fn(step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if clip is not None:
@@ -624,7 +675,7 @@ def fit_target(
                             f"{history.steps}; restored the weights of step "
                             f"{history.steps - chunk}",
                             RuntimeWarning,
-                            stacklevel=2,
+                            stacklevel=3,
                         )
                         break
                     good_state = _snapshot(flow)
@@ -702,3 +753,200 @@ def estimate_reverse_kl(
     finally:
         flow.train(was_training)
     return total.item() / n
+
+
+# ---------------------------------------------------------------------------------------------
+# density distillation
+
+#: the objectives of :func:`distill`
+DISTILL_OBJECTIVES = ("kl", "mse", "both")
+
+
+def _same_base(student: nn.Module, teacher: nn.Module) -> bool:
+    """Whether the two flows' bases are the same distribution (same class, equal state)."""
+    a, b = student.base, teacher.base
+    if type(a) is not type(b) or tuple(a.event_shape) != tuple(b.event_shape):
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    if sa.keys() != sb.keys():
+        return False
+    return all(
+        sa[k].shape == sb[k].shape and torch.equal(sa[k].to(sb[k].device, sb[k].dtype), sb[k])
+        for k in sa
+    )
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    *,
+    objective: str = "both",
+    context: Tensor | None = None,
+    steps: int = 10000,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    clip: float | None = 10.0,
+    max_time: float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    callback: Callable[[int, History], None] | None = None,
+) -> History:
+    r"""Train a student flow to reproduce a trained teacher (density distillation), e.g. an IAF
+    (fast sampling) from a MAF (fast density).
+
+    Each Adam step minimises, on ``batch_size`` fresh samples,
+
+    .. math::
+        \mathcal L_\text{kl}(\phi) = \mathbb E_{x \sim s_\phi}
+            \bigl[\log s_\phi(x) - \log t(x)\bigr] = \mathrm{KL}(s_\phi \,\|\, t),
+        \qquad
+        \mathcal L_\text{mse}(\phi) = \mathbb E_{z \sim q_0}
+            \bigl[\|f_t(z) - f_\phi(z)\|^2 + \|z - f_t^{-1}(f_\phi(z))\|^2\bigr],
+
+    (:func:`~pushforward.losses.distillation_kl`, :func:`~pushforward.losses.distillation_mse`),
+    or their sum for ``objective="both"`` (the default), computed from the passes of the MSE
+    alone: the student's :math:`x' = f_\phi(z)` and the teacher's :math:`f_t^{-1}(x')` also give
+    :math:`\log s_\phi(x') - \log t(x')`. With an IAF student and a MAF teacher every pass
+    that carries a gradient is a single parallel pass (student sampling, teacher density); only
+    the teacher's own samples :math:`f_t(z)` of the MSE take its sequential direction, without
+    gradient. The KL objective matches densities and works for any two flows of the same
+    shape, but is mode-seeking: a student can leave some of the teacher's mass uncovered at
+    little cost, which shows as a low test log-likelihood on a few points. The MSE matches the
+    maps :math:`z \mapsto x` over the whole base, so it and ``"both"`` need the student's base
+    to be the teacher's (checked: same class and equal parameters; copy it with
+    ``student.base.load_state_dict(teacher.base.state_dict())``). Measured on 8 Gaussians
+    (MAF teacher and IAF student with 5 layers of 512 x 512, 60 s each), ``"both"`` left the
+    student closest to the teacher by KL and by test log-likelihood.
+
+    The teacher is put in eval mode and its parameters are frozen while the student trains;
+    both are given back as they were. The student ends in eval mode with its final weights,
+    unless a non-finite loss or parameter stops the run (``stopped="non-finite"``, with a
+    :class:`RuntimeWarning`), which restores the weights of the last finite check.
+    ``History.train_loss`` holds the mean objective of every :data:`CHECK_EVERY` steps; for
+    ``"kl"`` it is a running estimate of :math:`\mathrm{KL}(s_\phi \| t)` in nats, and
+    :func:`estimate_reverse_kl` ``(student, teacher.log_prob)`` measures it afterwards. Torch's
+    global RNG state is restored afterwards.
+
+    Args:
+        student: the flow :math:`s_\phi` to train (in place).
+        teacher: the trained flow :math:`t` (same event shape and context size).
+        objective: ``"kl"``, ``"mse"`` or ``"both"`` (their sum).
+        context: for conditional flows, a pool of context rows ``(rows, context_features)``;
+            every step draws ``batch_size`` of them (with replacement), one sample each.
+        steps: number of optimiser steps.
+        batch_size: samples per step.
+        lr: Adam's learning rate.
+        clip: maximum gradient norm (``None``: no clipping).
+        max_time: wall-clock budget in seconds, checked every step (``None``: none).
+        seed: the seed of every random draw.
+        progress: show a tqdm progress bar (stderr) with the running loss.
+        callback: called as ``callback(step, history)`` after every ``train_loss`` entry.
+
+    Returns:
+        The :class:`History` of the run (``stopped`` is ``"max-steps"``, ``"max-time"`` or
+        ``"non-finite"``).
+
+    References:
+        van den Oord et al. (2018), "Parallel WaveNet: Fast High-Fidelity Speech Synthesis",
+        arXiv:1711.10433 (probability density distillation).
+        Krause and Shih (2021), "CaloFlow II: Even Faster and Still Accurate Generation of
+        Calorimeter Showers with Normalizing Flows", arXiv:2110.11377 (an IAF student
+        regressed on a MAF teacher).
+
+    Example:
+        >>> from pushforward.distributions import Flow, StandardNormal
+        >>> from pushforward.transforms.linear import ElementwiseAffine
+        >>> teacher = Flow(StandardNormal(2), ElementwiseAffine(2))
+        >>> _ = teacher.transform.params.params["shift"].data.fill_(2.0)
+        >>> student = Flow(StandardNormal(2), ElementwiseAffine(2))
+        >>> history = distill(student, teacher, objective="mse", steps=200, lr=0.05,
+        ...                   progress=False)
+        >>> history.stopped, abs(estimate_reverse_kl(student, teacher.log_prob)) < 1e-3
+        ('max-steps', True)
+    """
+    from .losses import _check_pair, _kl_and_mse, distillation_kl, distillation_mse
+
+    _check_pair(student, teacher)
+    if student is teacher:
+        raise PushforwardError("the student and the teacher are the same flow")
+    if objective not in DISTILL_OBJECTIVES:
+        raise PushforwardError(
+            f"unknown objective {objective!r}; choose from: {', '.join(DISTILL_OBJECTIVES)}"
+        )
+    if objective != "kl" and not _same_base(student, teacher):
+        raise PushforwardError(
+            f"the {objective!r} objective matches the maps z -> x, so the student's base must "
+            f"be the teacher's, but they differ (student {type(student.base).__name__}, "
+            f"teacher {type(teacher.base).__name__}); copy it with "
+            "student.base.load_state_dict(teacher.base.state_dict()), or use objective='kl'"
+        )
+    steps = check_positive_int(steps, "steps")
+    batch_size = check_positive_int(batch_size, "batch_size")
+    lr = _check_number(lr, "lr")
+    clip = None if clip is None else _check_number(clip, "clip")
+    max_time = None if max_time is None else _check_number(max_time, "max_time")
+    dtype, device = _like(student)
+    if _like(teacher) != (dtype, device):
+        t_dtype, t_device = _like(teacher)
+        raise PushforwardError(
+            f"student and teacher must share dtype and device: student {dtype} on {device}, "
+            f"teacher {t_dtype} on {t_device}"
+        )
+    features = int(student.context_features)
+    if features and context is None:
+        raise PushforwardError(
+            f"these flows are conditional: distill needs a pool of context rows of shape "
+            f"{shape_str(('rows', features))}"
+        )
+    pool = None
+    if context is not None and not features:
+        raise PushforwardError("these flows are unconditional: distill takes no context")
+    if context is not None:
+        context = torch.as_tensor(context)
+        if context.dim() != 2 or len(context) < 1:
+            raise PushforwardError(
+                f"context: expected a pool of rows of shape {shape_str(('rows', features))}, "
+                f"got {shape_str(context.shape)}"
+            )
+        pool = _context_rows(context, student, len(context), "context", "distill")
+        pool = pool.to(device=device, dtype=dtype)
+    teacher_params = set(map(id, teacher.parameters()))
+    params = [p for p in student.parameters() if p.requires_grad and id(p) not in teacher_params]
+    if not params:
+        raise PushforwardError("the student has no trainable parameters of its own")
+
+    def loss_fn(step: int) -> Tensor:
+        if pool is None:
+            n, c = batch_size, None
+        else:
+            n, c = 1, pool[torch.randint(len(pool), (batch_size,), device=device)]
+        if objective == "kl":
+            return distillation_kl(student, teacher, n, c)
+        if objective == "mse":
+            return distillation_mse(student, teacher, n, c)
+        kl, mse = _kl_and_mse(student, teacher, n, c)  # one set of passes for both
+        return kl + mse
+
+    frozen = [(p, p.requires_grad) for p in teacher.parameters()]
+    was_training = teacher.training
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        teacher.eval()
+        return _step_loop(
+            student,
+            params,
+            loss_fn,
+            steps=steps,
+            lr=lr,
+            clip=clip,
+            max_time=max_time,
+            seed=seed,
+            progress=progress,
+            desc="distill",
+            callback=callback,
+        )
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        teacher.train(was_training)
