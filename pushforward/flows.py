@@ -476,6 +476,153 @@ def cclin_iaf(
 
 
 # ---------------------------------------------------------------------------------------------
+# Coupling flows: NICE, RealNVP and the coupling neural spline flow are one structure
+# (transforms.coupling.Coupling) with three transformers. With one feature a coupling layer has
+# no identity part: every layer then transforms that feature, with parameters from the context
+# (or learned constants), so the recipes still build and train at features == 1.
+
+
+def _equal_widths(name: str, widths: tuple[int, ...]) -> tuple[int, ...]:
+    """Residual conditioners add states of one width: every entry of ``hidden`` must be equal."""
+    if len(set(widths)) != 1:
+        raise PushforwardError(
+            f"option hidden: {name}'s conditioner is a residual MLP (one block per entry), so "
+            f"the widths must be equal, got {widths}"
+        )
+    return widths
+
+
+def _alternating_mask(features: int, layer: int):
+    """NICE's odd/even partition, flipped every other layer (never at one feature: the only
+    feature is always the transformed one)."""
+    from .transforms.coupling import split_mask
+
+    return split_mask(features, "alternating", flip=features > 1 and layer % 2 == 1)
+
+
+@register(
+    "nice",
+    "NICE (Dinh et al. 2014): additive couplings on alternating odd/even features + diagonal "
+    "scaling",
+)
+def nice(
+    features: int,
+    context_features: int = 0,
+    *,
+    layers: int = 4,
+    hidden: tuple[int, ...] = (256, 256, 256, 256),
+    base: str = "normal",
+):
+    """NICE: ``layers`` additive coupling layers :math:`x_B = z_B + t(z_A)` whose identity and
+    transformed features swap every layer (odd/even), and the diagonal scaling layer
+    :math:`e^{s} \\odot z` (with a shift; its log-determinant :math:`\\sum_i s_i` is the model's
+    only volume change), which sits on the latent side as in the paper. Defaults: the paper's 4
+    coupling layers; its coupling networks were 5 ReLU layers of 1000 units for 784-D images,
+    here 4 of 256 for tabular sizes."""
+    from .transforms.coupling import Coupling
+    from .transforms.linear import ElementwiseAffine
+    from .transforms.transformers import AdditiveTransformer
+
+    k = _check_positive("layers", layers)
+    h = _check_hidden(hidden)
+    parts: list[Transform] = [ElementwiseAffine(features, context_features, h)]
+    for i in range(k):
+        mask = _alternating_mask(features, i)
+        parts.append(Coupling(mask, AdditiveTransformer(), None, context_features, h))
+    return _flow(base, features, context_features, Compose(*parts))
+
+
+@register(
+    "realnvp",
+    "RealNVP (Dinh et al. 2017): affine couplings on alternating odd/even features",
+)
+def realnvp(
+    features: int,
+    context_features: int = 0,
+    *,
+    layers: int = 10,
+    hidden: tuple[int, ...] = (256, 256),
+    base: str = "normal",
+    batch_norm: bool = False,
+):
+    """RealNVP for vectors: ``layers`` affine coupling layers
+    :math:`x_B = z_B \\odot e^{s(z_A)} + t(z_A)` with alternating (odd/even) masks flipped every
+    layer, optionally with batch normalisation between them. Defaults: the ten coupling layers
+    of the tabular baseline "Real NVP (10)" of Papamakarios et al. (2017), with conditioners of
+    two hidden layers of 256 units; the soft-bounded log-scales and identity initialisation of
+    :class:`~pushforward.transforms.coupling.Coupling` (and the standardisation done by ``fit``)
+    make batch normalisation unnecessary by default; ``batch_norm=True`` puts it between the
+    coupling layers as in that baseline."""
+    from .transforms.coupling import Coupling
+    from .transforms.linear import BatchNorm
+    from .transforms.transformers import AffineTransformer
+
+    k = _check_positive("layers", layers)
+    h = _check_hidden(hidden)
+    if not isinstance(batch_norm, bool):
+        raise PushforwardError(f"option batch_norm must be True or False, got {batch_norm!r}")
+    parts: list[Transform] = []
+    for i in range(k):
+        if batch_norm and i:
+            parts.append(BatchNorm(features))
+        mask = _alternating_mask(features, i)
+        parts.append(Coupling(mask, AffineTransformer(), None, context_features, h))
+    return _flow(base, features, context_features, Compose(*parts))
+
+
+@register(
+    "nsf-coupling",
+    "coupling neural spline flow (Durkan et al. 2019): RQ-spline couplings between LU linear "
+    "layers",
+)
+def nsf_coupling(
+    features: int,
+    context_features: int = 0,
+    *,
+    layers: int = 10,
+    hidden: tuple[int, ...] = (256, 256),
+    bins: int = 8,
+    base: str = "normal",
+    permutation: str = "lu",
+):
+    """Coupling NSF: ``layers`` rational-quadratic spline couplings (``bins`` bins on
+    :math:`[-5, 5]`, identity tails) of the last :math:`\\lceil d/2 \\rceil` features, with
+    residual-MLP conditioners (one block per ``hidden`` entry, equal widths) and a mixing layer
+    between them: ``permutation="lu"`` (default) a learnable LU-decomposed linear map starting at
+    a random rotation, before every coupling and after the last, as in Durkan et al. (2019);
+    ``"random"`` or ``"reverse"`` a fixed permutation between couplings. Defaults: the paper's
+    tabular setup of 10 steps, 8 bins and two residual blocks of 256 units."""
+    from .transforms.coupling import Coupling, split_mask
+    from .transforms.linear import LULinear, Permutation
+    from .transforms.splines import RQSplineTransformer
+
+    k, b = _check_positive("layers", layers), _check_positive("bins", bins)
+    h = _equal_widths("nsf-coupling", _check_hidden(hidden))
+    if permutation not in ("lu", "random", "reverse"):
+        raise PushforwardError(
+            f"unknown permutation {permutation!r}; choose from: lu, random, reverse"
+        )
+
+    def mix(i: int) -> Transform:
+        if permutation == "lu":
+            return LULinear(features, seed=i)
+        if permutation == "random":
+            return Permutation.random(features, seed=i)
+        return Permutation.reverse(features)
+
+    mask = split_mask(features, "half")
+    parts: list[Transform] = []
+    for i in range(k):
+        if i or permutation == "lu":
+            parts.append(mix(i))
+        spline = RQSplineTransformer(bins=b)
+        parts.append(Coupling(mask, spline, None, context_features, h, residual=True))
+    if permutation == "lu":
+        parts.append(mix(k))
+    return _flow(base, features, context_features, Compose(*parts))
+
+
+# ---------------------------------------------------------------------------------------------
 # Image flows: multi-scale recursions of Squeeze, steps and FactorOut (transforms/image.py).
 # Layers are listed in the data-to-base direction, as the papers describe them, and composed in
 # reverse (Compose lists the generative direction).
@@ -633,150 +780,3 @@ def _image_base(kind: str, shape: tuple[int, int, int]) -> Base:
     if kind != "normal":
         raise PushforwardError(f"unknown base {kind!r} for an image flow; choose from: normal")
     return StandardNormal(shape)
-
-
-# ---------------------------------------------------------------------------------------------
-# Coupling flows: NICE, RealNVP and the coupling neural spline flow are one structure
-# (transforms.coupling.Coupling) with three transformers. With one feature a coupling layer has
-# no identity part: every layer then transforms that feature, with parameters from the context
-# (or learned constants), so the recipes still build and train at features == 1.
-
-
-def _equal_widths(name: str, widths: tuple[int, ...]) -> tuple[int, ...]:
-    """Residual conditioners add states of one width: every entry of ``hidden`` must be equal."""
-    if len(set(widths)) != 1:
-        raise PushforwardError(
-            f"option hidden: {name}'s conditioner is a residual MLP (one block per entry), so "
-            f"the widths must be equal, got {widths}"
-        )
-    return widths
-
-
-def _alternating_mask(features: int, layer: int):
-    """NICE's odd/even partition, flipped every other layer (never at one feature: the only
-    feature is always the transformed one)."""
-    from .transforms.coupling import split_mask
-
-    return split_mask(features, "alternating", flip=features > 1 and layer % 2 == 1)
-
-
-@register(
-    "nice",
-    "NICE (Dinh et al. 2014): additive couplings on alternating odd/even features + diagonal "
-    "scaling",
-)
-def nice(
-    features: int,
-    context_features: int = 0,
-    *,
-    layers: int = 4,
-    hidden: tuple[int, ...] = (256, 256, 256, 256),
-    base: str = "normal",
-):
-    """NICE: ``layers`` additive coupling layers :math:`x_B = z_B + t(z_A)` whose identity and
-    transformed features swap every layer (odd/even), and the diagonal scaling layer
-    :math:`e^{s} \\odot z` (with a shift; its log-determinant :math:`\\sum_i s_i` is the model's
-    only volume change), which sits on the latent side as in the paper. Defaults: the paper's 4
-    coupling layers; its coupling networks were 5 ReLU layers of 1000 units for 784-D images,
-    here 4 of 256 for tabular sizes."""
-    from .transforms.coupling import Coupling
-    from .transforms.linear import ElementwiseAffine
-    from .transforms.transformers import AdditiveTransformer
-
-    k = _check_positive("layers", layers)
-    h = _check_hidden(hidden)
-    parts: list[Transform] = [ElementwiseAffine(features, context_features, h)]
-    for i in range(k):
-        mask = _alternating_mask(features, i)
-        parts.append(Coupling(mask, AdditiveTransformer(), None, context_features, h))
-    return _flow(base, features, context_features, Compose(*parts))
-
-
-@register(
-    "realnvp",
-    "RealNVP (Dinh et al. 2017): affine couplings on alternating odd/even features",
-)
-def realnvp(
-    features: int,
-    context_features: int = 0,
-    *,
-    layers: int = 10,
-    hidden: tuple[int, ...] = (256, 256),
-    base: str = "normal",
-    batch_norm: bool = False,
-):
-    """RealNVP for vectors: ``layers`` affine coupling layers
-    :math:`x_B = z_B \\odot e^{s(z_A)} + t(z_A)` with alternating (odd/even) masks flipped every
-    layer, optionally with batch normalisation between them. Defaults: the ten coupling layers
-    of the tabular baseline "Real NVP (10)" of Papamakarios et al. (2017), with conditioners of
-    two hidden layers of 256 units; the soft-bounded log-scales and identity initialisation of
-    :class:`~pushforward.transforms.coupling.Coupling` (and the standardisation done by ``fit``)
-    make batch normalisation unnecessary by default; ``batch_norm=True`` puts it between the
-    coupling layers as in that baseline."""
-    from .transforms.coupling import Coupling
-    from .transforms.linear import BatchNorm
-    from .transforms.transformers import AffineTransformer
-
-    k = _check_positive("layers", layers)
-    h = _check_hidden(hidden)
-    if not isinstance(batch_norm, bool):
-        raise PushforwardError(f"option batch_norm must be True or False, got {batch_norm!r}")
-    parts: list[Transform] = []
-    for i in range(k):
-        if batch_norm and i:
-            parts.append(BatchNorm(features))
-        mask = _alternating_mask(features, i)
-        parts.append(Coupling(mask, AffineTransformer(), None, context_features, h))
-    return _flow(base, features, context_features, Compose(*parts))
-
-
-@register(
-    "nsf-coupling",
-    "coupling neural spline flow (Durkan et al. 2019): RQ-spline couplings between LU linear "
-    "layers",
-)
-def nsf_coupling(
-    features: int,
-    context_features: int = 0,
-    *,
-    layers: int = 10,
-    hidden: tuple[int, ...] = (256, 256),
-    bins: int = 8,
-    base: str = "normal",
-    permutation: str = "lu",
-):
-    """Coupling NSF: ``layers`` rational-quadratic spline couplings (``bins`` bins on
-    :math:`[-5, 5]`, identity tails) of the last :math:`\\lceil d/2 \\rceil` features, with
-    residual-MLP conditioners (one block per ``hidden`` entry, equal widths) and a mixing layer
-    between them: ``permutation="lu"`` (default) a learnable LU-decomposed linear map starting at
-    a random rotation, before every coupling and after the last, as in Durkan et al. (2019);
-    ``"random"`` or ``"reverse"`` a fixed permutation between couplings. Defaults: the paper's
-    tabular setup of 10 steps, 8 bins and two residual blocks of 256 units."""
-    from .transforms.coupling import Coupling, split_mask
-    from .transforms.linear import LULinear, Permutation
-    from .transforms.splines import RQSplineTransformer
-
-    k, b = _check_positive("layers", layers), _check_positive("bins", bins)
-    h = _equal_widths("nsf-coupling", _check_hidden(hidden))
-    if permutation not in ("lu", "random", "reverse"):
-        raise PushforwardError(
-            f"unknown permutation {permutation!r}; choose from: lu, random, reverse"
-        )
-
-    def mix(i: int) -> Transform:
-        if permutation == "lu":
-            return LULinear(features, seed=i)
-        if permutation == "random":
-            return Permutation.random(features, seed=i)
-        return Permutation.reverse(features)
-
-    mask = split_mask(features, "half")
-    parts: list[Transform] = []
-    for i in range(k):
-        if i or permutation == "lu":
-            parts.append(mix(i))
-        spline = RQSplineTransformer(bins=b)
-        parts.append(Coupling(mask, spline, None, context_features, h, residual=True))
-    if permutation == "lu":
-        parts.append(mix(k))
-    return _flow(base, features, context_features, Compose(*parts))
