@@ -623,6 +623,95 @@ def nsf_coupling(
 
 
 # ---------------------------------------------------------------------------------------------
+# Sylvester flows (van den Berg et al. 2018): one map x = z + Q R h(R~ Q^T z + b), three ways
+# of producing Q. Their natural use is the amortized VAE posterior (a diagonal Gaussian base
+# driven by the encoder's context); standalone they are density models like any other.
+
+
+def _sylvester(features, context_features, layers, base, make) -> Flow:
+    k = _check_positive("layers", layers)
+    t = Compose(*[make(i) for i in range(k)])
+    return _flow(base, features, context_features, t)
+
+
+@register(
+    "sylvester-orthogonal",
+    "Sylvester flow (van den Berg et al. 2018), Q with M orthonormal columns (iterative)",
+)
+def sylvester_orthogonal(
+    features: int,
+    context_features: int = 0,
+    *,
+    layers: int = 8,
+    columns: int | None = None,
+    hidden: tuple[int, ...] = (64, 64),
+    base: str = "diag-normal",
+):
+    """``columns``: M, the number of orthonormal columns of Q (default: ``features``)."""
+    from .transforms.sylvester import SylvesterOrthogonal
+
+    m = None if columns is None else _check_positive("columns", columns)
+    widths = _check_hidden(hidden)
+    return _sylvester(
+        features,
+        context_features,
+        layers,
+        base,
+        lambda i: SylvesterOrthogonal(features, m, context_features, widths),
+    )
+
+
+@register(
+    "sylvester-householder",
+    "Sylvester flow (van den Berg et al. 2018), Q a product of Householder reflections",
+)
+def sylvester_householder(
+    features: int,
+    context_features: int = 0,
+    *,
+    layers: int = 8,
+    reflections: int = 4,
+    hidden: tuple[int, ...] = (64, 64),
+    base: str = "diag-normal",
+):
+    from .transforms.sylvester import SylvesterHouseholder
+
+    r = _check_positive("reflections", reflections)
+    widths = _check_hidden(hidden)
+    return _sylvester(
+        features,
+        context_features,
+        layers,
+        base,
+        lambda i: SylvesterHouseholder(features, r, context_features, widths),
+    )
+
+
+@register(
+    "sylvester-triangular",
+    "Sylvester flow (van den Berg et al. 2018), Q the identity or the reversal, alternating",
+)
+def sylvester_triangular(
+    features: int,
+    context_features: int = 0,
+    *,
+    layers: int = 8,
+    hidden: tuple[int, ...] = (64, 64),
+    base: str = "diag-normal",
+):
+    from .transforms.sylvester import SylvesterTriangular
+
+    widths = _check_hidden(hidden)
+    return _sylvester(
+        features,
+        context_features,
+        layers,
+        base,
+        lambda i: SylvesterTriangular(features, i % 2 == 1, context_features, widths),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Image flows: multi-scale recursions of Squeeze, steps and FactorOut (transforms/image.py).
 # Layers are listed in the data-to-base direction, as the papers describe them, and composed in
 # reverse (Compose lists the generative direction).

@@ -245,12 +245,18 @@ def check_flow(
         return flows.build(name, features, context_features, **options).transform
 
     # In one dimension some parameters are dead by design: an unconditional MADE's first layer
-    # is fully masked (it sees nothing), and ccLinIAF's mixture weights combine 1x1 unit
-    # triangular matrices, all equal to 1.
+    # is fully masked (it sees nothing), ccLinIAF's mixture weights combine 1x1 unit
+    # triangular matrices, all equal to 1, and a Sylvester flow's Q is +-1 whatever its raw
+    # matrix or Householder vectors.
     event = (features,) if isinstance(features, int) else tuple(features)
     dead = ()
     if event == (1,) and context_features == 0:
-        dead = ("made.layers.0.weight", "params.params.logits")
+        dead = (
+            "made.layers.0.weight",
+            "params.params.logits",
+            "params.params.q",
+            "params.params.vectors",
+        )
     # a parameter-free transform (MADE MoG's identity) ignores the context; the base uses it
     free = not any(True for _ in make().parameters())
     case = Case(

@@ -33,6 +33,12 @@ from .linear import (
 from .naf import DeepSigmoidTransformer, deep_sigmoid_flow
 from .planar_radial import Planar, Radial
 from .splines import RQSplineTransformer, rational_quadratic_spline
+from .sylvester import (
+    SylvesterHouseholder,
+    SylvesterOrthogonal,
+    SylvesterTriangular,
+    orthogonalize,
+)
 from .transformers import AdditiveTransformer, AffineTransformer
 
 __all__ = [
@@ -62,6 +68,9 @@ __all__ = [
     "Sigmoid",
     "Squeeze",
     "Standardization",
+    "SylvesterHouseholder",
+    "SylvesterOrthogonal",
+    "SylvesterTriangular",
     "Tanh",
     "TriangularLinear",
     "channel_mask",
@@ -71,6 +80,7 @@ __all__ = [
     "householder_product",
     "iaf_layer",
     "log_sigmoid_derivative",
+    "orthogonalize",
     "piecewise_linear",
     "rational_quadratic_spline",
     "split_mask",
