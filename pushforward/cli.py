@@ -1,12 +1,13 @@
-"""The ``pushforward`` command: fit, evaluate, sample and plot flows from the shell.
+r"""The ``pushforward`` command: fit, evaluate, sample and plot flows from the shell.
 
 ::
 
     pushforward fit DATA [--flow NAME] [--layers K] [--hidden 512,512] [--bins B]
                          [--epochs N] [--max-time SECONDS] [--batch-size B]
                          [--lr LR] [--seed S] [--out DIR] [--force] [--json] [--key K]
+                         [--levels L] [--dequantize uniform] [--scales K]
     pushforward eval MODEL_DIR DATA [--json] [--key K]
-    pushforward sample MODEL_DIR -n N --out FILE.npy [--seed S] [--force]
+    pushforward sample MODEL_DIR -n N --out FILE.npy [--seed S] [--force] [--temperature T]
     pushforward plot MODEL_DIR [--out DIR]
     pushforward flows
     pushforward fit-target U1|U2|U3|U4 [--flow planar] [--layers K] [--steps N]
@@ -20,6 +21,26 @@
 nats per example in the units of the data as given (the standardisation fitted on the training
 data is part of the saved model). ``bits_per_dim`` is ``-log_likelihood / (features * ln 2)``:
 for continuous data this is a *differential* quantity (it can be negative), not a code length.
+
+**Images.** ``DATA`` of shape ``(N, H, W)`` or ``(N, C, H, W)`` (the built-ins ``mnist`` and
+``digits``, or such a file) holds images: integers in ``0 .. L - 1``, with ``L`` intensity
+levels (``--levels``; default: 17 for ``digits``, 256 for other ``uint8`` data, else the
+maximum + 1). ``fit`` then needs an image flow (default :data:`DEFAULT_IMAGE_FLOW`; ``--scales``
+sets its number of multi-scale levels), does not standardise, and models uniformly dequantized
+pixels :math:`y = (x + u) / L \in [0, 1)^D` (``--dequantize uniform``, the only mode): the
+training minibatches get fresh noise every step (seeded by ``--seed``), the validation images
+(10% of the training images) are dequantized once with ``--seed``, and the test images (and
+``eval``'s) once with :data:`EVAL_DEQUANTIZE_SEED`, so every model is measured on the same
+points. Reported figures are in the discrete space (see :mod:`pushforward.data.images`):
+``log_likelihood`` is the mean over images of :math:`\log p_Y(y) - D \log L` (nats per image,
+a lower bound on :math:`\log P(x)` in expectation) and ``bits_per_dim`` is
+``-log_likelihood / (D ln 2)``, as for vectors but now a code length; the training history in
+``metrics.json`` is in the same units. ``sample`` writes integer images ``floor(y L)`` clipped to
+``0 .. L - 1`` (``uint8`` when ``L <= 256``); ``--temperature T`` scales the base noise
+(:math:`z \sim \mathcal N(0, T^2 I)`) for any flow with a standard normal base. The plots of
+an image model are ``samples.png`` (temperatures 0.5, 0.8, 1), ``interpolation.png``
+(spherical latent interpolation between test images), ``reconstruction.png`` and, where the
+data has labels, ``latent_edit.png`` (see :mod:`pushforward.plots`).
 
 ``distill`` trains a student flow (default: an IAF, fast sampling) to reproduce a saved teacher
 (e.g. a MAF, fast density) with :func:`pushforward.train.distill`, taking over the teacher's
@@ -52,6 +73,21 @@ __all__ = ["main", "build_parser", "default_flow", "DEFAULT_FLOW", "EVAL_BATCH"]
 
 #: the flow ``fit`` uses without ``--flow`` (the best general tabular density estimator)
 DEFAULT_FLOW = "maf"
+#: the flow ``fit`` uses on images without ``--flow``
+DEFAULT_IMAGE_FLOW = "glow"
+#: the dequantization modes of ``--dequantize`` (variational dequantization is not offered)
+DEQUANTIZE_MODES = ("uniform",)
+#: seed of the single dequantization of test images (``fit``'s test figures and ``eval``)
+EVAL_DEQUANTIZE_SEED = 0
+#: images per batch when evaluating or sampling an image flow (bounds memory)
+IMAGE_EVAL_BATCH = 500
+#: ``fit`` reports the training log-likelihood of images on at most this many training images
+#: (a seeded subset: image flows are slow to evaluate on a CPU)
+TRAIN_EVAL_IMAGES = 2000
+#: intensity levels of the built-in image datasets (``--levels`` overrides)
+BUILTIN_LEVELS = {"digits": 17, "mnist": 256}
+#: the temperatures of ``samples.png``
+PLOT_TEMPERATURES = (0.5, 0.8, 1.0)
 #: tried in order when :data:`DEFAULT_FLOW` is not registered
 _FALLBACK_FLOWS = ("nsf", "realnvp", "lu", "piecewise-linear", "affine")
 #: the default flow of ``fit-target``
@@ -119,6 +155,26 @@ def _hidden(text: str) -> tuple[int, ...]:
     return widths
 
 
+def _levels(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {text!r}") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"need at least 2 intensity levels, got {text!r}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -154,6 +210,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite a model in DIR")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.add_argument("--key", metavar="K", help="array of a .npz file (default: the first)")
+    p.add_argument(
+        "--levels",
+        type=_levels,
+        metavar="L",
+        help="images: number of intensity levels (default: 17 for digits, 256 for uint8 data, "
+        "else max + 1)",
+    )
+    p.add_argument(
+        "--dequantize",
+        choices=DEQUANTIZE_MODES,
+        help="images: how pixels are dequantized (default: uniform)",
+    )
+    p.add_argument(
+        "--scales",
+        type=_positive_int,
+        metavar="K",
+        help="image flows: number of multi-scale levels (the recipe option 'levels')",
+    )
 
     p = sub.add_parser("eval", help="mean log-likelihood of a saved model on data")
     p.add_argument("model", metavar="MODEL_DIR")
@@ -167,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE.npy")
     p.add_argument("--seed", type=_seed, default=0, metavar="S", help="random seed (default 0)")
     p.add_argument("--force", action="store_true", help="overwrite FILE.npy")
+    p.add_argument(
+        "--temperature",
+        type=_temperature,
+        default=1.0,
+        metavar="T",
+        help="scale of the base noise, z ~ N(0, T^2 I) (default 1)",
+    )
 
     p = sub.add_parser("plot", help="draw a saved model's plots again")
     p.add_argument("model", metavar="MODEL_DIR")
@@ -263,6 +344,10 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
+#: command-line flags of recipe options whose flag is not ``--OPTION``
+_OPTION_FLAGS = {"levels": "--scales"}
+
+
 def _recipe_options(flow: str, given: dict[str, Any]) -> dict[str, Any]:
     """The options the user gave, checked against the recipe before any work is done."""
     from . import flows
@@ -272,7 +357,7 @@ def _recipe_options(flow: str, given: dict[str, Any]) -> dict[str, Any]:
     options = {k: v for k, v in given.items() if v is not None}
     for key in options:
         if key not in allowed:
-            flag = "--" + key.replace("_", "-")
+            flag = _OPTION_FLAGS.get(key, "--" + key.replace("_", "-"))
             raise PushforwardError(
                 f"flow {flow!r} has no option {key!r} ({flag}); its options are: "
                 f"{', '.join(allowed) or 'none'}"
@@ -315,24 +400,24 @@ def _matrix(array: Any, source: str):
     return x
 
 
-def _log_probs(flow: Any, x: Any):
-    """``flow.log_prob`` of every row, in batches of :data:`EVAL_BATCH` (float64)."""
+def _log_probs(flow: Any, x: Any, batch: int = EVAL_BATCH):
+    """``flow.log_prob`` of every row, in batches of ``batch`` rows (float64)."""
     import torch
 
     dtype = next((t.dtype for t in flow.state_dict().values() if t.is_floating_point()), None)
     parts = []
     with torch.no_grad():
-        for chunk in x.split(EVAL_BATCH):
+        for chunk in x.split(batch):
             if dtype is not None:
                 chunk = chunk.to(dtype)
             parts.append(flow.log_prob(chunk).double())
     return torch.cat(parts)
 
 
-def _mean_log_likelihood(flow: Any, x: Any, what: str) -> float:
+def _mean_log_likelihood(flow: Any, x: Any, what: str, batch: int = EVAL_BATCH) -> float:
     import torch
 
-    lp = _log_probs(flow, x)
+    lp = _log_probs(flow, x, batch)
     bad = ~torch.isfinite(lp)
     if bool(bad.any()):
         first = int(bad.nonzero()[0, 0])
@@ -408,8 +493,11 @@ def _draw_plots(
     out: Path,
     data: Any = None,
     strict: bool = False,
+    results: dict[str, Any] | None = None,
 ) -> list[Path]:
-    """Draw the plots of a model into ``out``; failures are warnings unless ``strict``."""
+    """Draw the plots of a model into ``out``; failures are warnings unless ``strict``. For an
+    image model ``data`` is ``(images, labels)`` (either may be ``None``) and ``results``, if
+    given, receives ``reconstruction_max_abs_error``."""
     import torch
 
     drawn: list[Path] = []
@@ -434,6 +522,10 @@ def _draw_plots(
     out.mkdir(parents=True, exist_ok=True)
     if history is not None:
         attempt("training_curves.png", lambda p: plots.training_curves(history, p))
+    if _is_image_model(config):
+        images, labels = data if data is not None else (None, None)
+        _image_plots(plots, flow, config, images, labels, attempt, results)
+        return drawn
     target = config.get("target")
     if target:
         from .data.potentials import potential
@@ -464,6 +556,393 @@ def _draw_plots(
 
 
 # ---------------------------------------------------------------------------------------------
+# images
+
+
+def _holds_images(array: Any) -> bool:
+    """Whether a loaded ``DATA`` array is images: ``(N, H, W)``, ``(N, C, H, W)`` or (an error
+    later) more dimensions; ``(rows, features)`` is vectors."""
+    return getattr(array, "ndim", 2) >= 3
+
+
+def _is_image_model(config: dict[str, Any]) -> bool:
+    """Whether a saved model is over images (its ``features`` is an event shape ``[C, H, W]``)."""
+    features = config.get("features")
+    return isinstance(features, list) and len(features) == 3
+
+
+def _image_flow_names() -> str:
+    from . import flows
+
+    return ", ".join(n for n in flows.names() if flows.describe(n).image) or "none"
+
+
+def _check_flow_kind(name: str, images: bool, source: str, shape: Sequence[int]) -> None:
+    """One clear line when a vector flow meets images or an image flow meets vectors."""
+    from . import flows
+
+    if flows.describe(name).image == images:
+        return
+    if images:
+        raise PushforwardError(
+            f"flow {name!r} is a vector flow, but {source} holds images of shape "
+            f"{tuple(shape)}; use an image flow ({_image_flow_names()})"
+        )
+    raise PushforwardError(
+        f"flow {name!r} is an image flow, but {source} holds vectors of shape {tuple(shape)} "
+        f"(rows, features); image flows need integer images (N, H, W) or (N, C, H, W), "
+        f"vectors need a vector flow (e.g. {default_flow()})"
+    )
+
+
+def _images(array: Any, source: str, levels: int | None, hint: str = ""):
+    """``(images, L)``: ``array`` as an integer ``(N, C, H, W)`` tensor and its number of
+    intensity levels (``levels`` if given, else the built-in dataset's, else the
+    :func:`~pushforward.data.images.as_images` default); values must lie in ``0 .. L - 1``
+    (``hint`` is added to that error)."""
+    from .data.images import as_images
+
+    given = levels if levels is not None else BUILTIN_LEVELS.get(source)
+    try:
+        return as_images(array, given, name=source)
+    except PushforwardError as e:
+        if hint and given is not None and "is outside" in str(e):
+            raise PushforwardError(f"{e}; {hint}") from None
+        raise
+
+
+def _dequantized(images: Any, levels: int, seed: int):
+    """The images dequantized once, :math:`(x + u) / L`, with noise from ``seed`` (float32)."""
+    import torch
+
+    from .data.images import dequantize_uniform
+
+    return dequantize_uniform(images, levels, generator=torch.Generator().manual_seed(seed))
+
+
+def _discrete_log_likelihood(flow: Any, images: Any, levels: int, seed: int, what: str) -> float:
+    """Mean over images of :math:`\\log p_Y(y) - D \\log L`, ``y`` dequantized once with
+    ``seed``: nats per image in the discrete space."""
+    dims = math.prod(images.shape[1:])
+    y = _dequantized(images, levels, seed)
+    return _mean_log_likelihood(flow, y, what, IMAGE_EVAL_BATCH) - dims * math.log(levels)
+
+
+def _discrete_history(history: Any, offset: float) -> Any:
+    """``history`` with its losses and validation log-likelihoods moved by the dequantization
+    offset :math:`D \\log L` into the discrete space (nats per image)."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(history):
+        return history
+    best = history.best_valid_log_likelihood
+    return dataclasses.replace(
+        history,
+        train_loss=[v + offset for v in history.train_loss],
+        valid_log_likelihood=[v - offset for v in history.valid_log_likelihood],
+        best_valid_log_likelihood=None if best is None else best - offset,
+    )
+
+
+def _model_levels(config: dict[str, Any], where: Any) -> int:
+    levels = config.get("levels")
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+        raise PushforwardError(
+            f"{where}: an image model's config needs 'levels' (an integer >= 2), got {levels!r}"
+        )
+    return levels
+
+
+def _quantized(y: Any, levels: int):
+    """Samples in ``[0, 1)`` as integer pixels ``floor(y L)`` clipped to ``0 .. L - 1``
+    (``uint8`` for ``L <= 256``, ``uint16`` for ``L <= 65536``, else ``int64``); non-finite
+    values become 0."""
+    import numpy as np
+
+    with np.errstate(invalid="ignore"):
+        q = np.clip(np.floor(np.nan_to_num(y, nan=0.0) * levels), 0, levels - 1)
+    dtype = np.uint8 if levels <= 256 else np.uint16 if levels <= 65536 else np.int64
+    return q.astype(dtype)
+
+
+def _builtin_labels(source: str, split: str):
+    """The labels of a built-in image dataset's split, or ``None`` if it has none."""
+    from .data.images import load_digits, load_mnist
+
+    loader = {"mnist": load_mnist, "digits": load_digits}.get(source)
+    return None if loader is None else loader(split, labels=True)[1]
+
+
+def _image_plot_data(config: dict[str, Any], where: Any) -> tuple[Any, Any] | None:
+    """``(images, labels)`` to draw an image model's plots with: a built-in dataset's test
+    split and labels, else the model's data file (no labels); ``None`` (a warning) if the data
+    cannot be read now."""
+    from .data import is_builtin, load, splits
+
+    name = config.get("data")
+    source = config.get("data_path") or name
+    if not source:
+        return None
+    levels = _model_levels(config, where)
+    try:
+        if isinstance(name, str) and is_builtin(name):
+            split = "test" if "test" in splits(name) else "train"
+            images, _ = _images(load(name, split), name, levels)
+            return images, _builtin_labels(name, split)
+        images, _ = _images(load(source, "train", config.get("key")), str(source), levels)
+        return images, None
+    except PushforwardError as e:
+        _warn(f"skipping the image plots that need data: {e}")
+        return None
+
+
+def _image_plots(
+    plots: Any,
+    flow: Any,
+    config: dict[str, Any],
+    images: Any,
+    labels: Any,
+    attempt: Callable[[str, Callable[[Path], Any]], None],
+    results: dict[str, Any] | None,
+) -> None:
+    """samples.png, then with images interpolation.png and reconstruction.png, and with labels
+    latent_edit.png. Images are shown at their bin midpoints :math:`(x + 1/2) / L`."""
+    import numpy as np
+    import torch
+
+    levels = _model_levels(config, "config")
+    attempt(
+        "samples.png",
+        lambda p: plots.image_samples(flow, p, temperatures=PLOT_TEMPERATURES, levels=levels),
+    )
+    if images is None or len(images) == 0:
+        return
+    y = (images.double() + 0.5) / levels
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    shown = y[order[:8]]
+    if len(shown) >= 2:
+        attempt(
+            "interpolation.png",
+            lambda p: plots.interpolation(flow, shown, p, pairs=len(shown) // 2, levels=levels),
+        )
+
+    def reconstruction(path: Path) -> None:
+        _, error = plots.reconstruction(flow, shown, path, levels=levels)
+        if results is not None:
+            results["reconstruction_max_abs_error"] = error
+
+    attempt("reconstruction.png", reconstruction)
+    if labels is None:
+        _say(f"pushforward: note: {config.get('data')} has no labels: latent_edit.png skipped")
+        return
+    labels = np.asarray(labels)[order.numpy()]
+    present = sorted(set(labels.tolist()))
+    if len(present) < 2:
+        _say("pushforward: note: the images have fewer than two labels: latent_edit.png skipped")
+        return
+    b, a = present[0], present[1]
+    # at most 200 images of each label for the mean latents (image flows are slow on a CPU)
+    keep = np.concatenate([np.flatnonzero(labels == v)[:200] for v in (a, b)])
+    attempt(
+        "latent_edit.png",
+        lambda p: plots.latent_edit(
+            flow, y[order][keep], labels[keep], p, label_a=a, label_b=b, levels=levels
+        ),
+    )
+
+
+def _fit_images(args: argparse.Namespace, array: Any) -> int:
+    """``fit`` on images (see the module docstring)."""
+    import numpy as np
+    import torch
+
+    from . import io, train
+    from .data import is_builtin, load, splits
+    from .data.images import dequantize_uniform
+
+    name = args.flow or DEFAULT_IMAGE_FLOW
+    _check_flow_kind(name, True, args.data, array.shape[1:])
+    given = {"layers": args.layers, "hidden": args.hidden, "bins": args.bins, "levels": args.scales}
+    options = _recipe_options(name, given)
+    out = Path(args.out) if args.out else Path("runs") / f"{_label(args.data)}-{name}"
+    _check_out(out, args.force)
+    dequantize = args.dequantize or DEQUANTIZE_MODES[0]
+
+    builtin = is_builtin(args.data)
+    images, levels = _images(
+        array, args.data, args.levels, "--levels must be at least the largest pixel value + 1"
+    )
+    shape = tuple(int(s) for s in images.shape[1:])
+    dims = math.prod(shape)
+    offset = dims * math.log(levels)
+    _seed_everything(args.seed)
+    if builtin and "valid" in splits(args.data):
+        fit_images = images
+        valid_images, _ = _images(load(args.data, "valid"), args.data, levels)
+    else:
+        if len(images) < 2:
+            raise PushforwardError(f"{args.data}: need at least 2 images to fit, got {len(images)}")
+        order = torch.from_numpy(np.random.default_rng(args.seed).permutation(len(images)))
+        n_valid = max(1, round(VALID_FRACTION * len(images)))
+        valid_images, fit_images = images[order[:n_valid]], images[order[n_valid:]]
+
+    training = {
+        k: v
+        for k, v in {
+            "epochs": args.epochs,
+            "max_time": args.max_time,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+        }.items()
+        if v is not None
+    }
+    extras: dict[str, Any] = {
+        "data": args.data,
+        "levels": levels,
+        "dequantize": dequantize,
+        "seed": args.seed,
+        "training": training,
+    }
+    if not builtin:
+        extras["data_path"] = str(Path(args.data).expanduser().resolve())
+    if args.key is not None:
+        extras["key"] = args.key
+    config = io.make_config(name, list(shape), 0, options, None, **extras)
+    try:
+        flow = io.model_from_config(config, f"flow {name!r} on {args.data} images {shape}")
+    except PushforwardError as e:
+        hint = " (--scales sets a flow's levels)" if "levels" in str(e) else ""
+        raise PushforwardError(f"{e}{hint}") from None
+
+    valid_y = _dequantized(valid_images, levels, args.seed)
+    history = train.fit(
+        flow,
+        fit_images.float(),
+        valid_y,
+        seed=args.seed,
+        progress=True,
+        preprocess=lambda x: dequantize_uniform(x, levels, dtype=x.dtype),
+        **training,
+    )
+    flow.eval()
+    history = _discrete_history(history, offset)
+
+    g = torch.Generator().manual_seed(args.seed)
+    subset = fit_images[torch.randperm(len(fit_images), generator=g)[:TRAIN_EVAL_IMAGES]]
+    metrics: dict[str, Any] = {
+        "data": args.data,
+        "flow": name,
+        "shape": list(shape),
+        "features": dims,
+        "levels": levels,
+        "dequantize": dequantize,
+        "n_train": len(fit_images),
+        "n_valid": len(valid_images),
+        "n_train_eval": len(subset),
+    }
+    ll = _discrete_log_likelihood(flow, subset, levels, args.seed, "the training images")
+    metrics.update(train_log_likelihood=ll, train_bits_per_dim=_bits_per_dim(ll, dims))
+    if history.best_valid_log_likelihood is not None:  # the weights kept were chosen on it
+        ll = history.best_valid_log_likelihood
+    else:
+        ll = _mean_log_likelihood(flow, valid_y, "the validation images", IMAGE_EVAL_BATCH)
+        ll -= offset
+    metrics.update(valid_log_likelihood=ll, valid_bits_per_dim=_bits_per_dim(ll, dims))
+    plot_images, plot_labels = valid_images, None
+    if builtin and "test" in splits(args.data):
+        test_images, _ = _images(load(args.data, "test"), args.data, levels)
+        ll = _discrete_log_likelihood(
+            flow, test_images, levels, EVAL_DEQUANTIZE_SEED, "the test images"
+        )
+        metrics.update(
+            n_test=len(test_images),
+            test_log_likelihood=ll,
+            test_bits_per_dim=_bits_per_dim(ll, dims),
+        )
+        plot_images, plot_labels = test_images, _builtin_labels(args.data, "test")
+    metrics.update(
+        epochs=history.epochs,
+        steps=history.steps,
+        best_epoch=history.best_epoch,
+        seconds=history.seconds,
+        stopped=history.stopped,
+        seed=args.seed,
+        options=config["options"],
+        history=_history_dict(history),
+    )
+
+    io.save_model(out, flow, config, force=args.force)
+    results: dict[str, Any] = {}
+    _draw_plots(flow, config, history, out, data=(plot_images, plot_labels), results=results)
+    metrics.update(results)
+    metrics = _sanitize(metrics)
+    io.write_json(out / io.METRICS_FILE, metrics)
+
+    if args.json:
+        _print_json(metrics)
+    else:
+        splits_done = [s for s in ("train", "valid", "test") if f"{s}_log_likelihood" in metrics]
+
+        def row(key: str) -> str:
+            values = [(s, metrics[f"{s}_{key}"]) for s in splits_done]
+            return ", ".join(f"{s} {'nan' if v is None else f'{v:.4f}'}" for s, v in values)
+
+        print(
+            f"saved {out} (flow {name}, images {'x'.join(map(str, shape))}, {levels} levels, "
+            f"{dequantize} dequantization)"
+        )
+        print(f"log-likelihood (nats/image, discrete): {row('log_likelihood')}")
+        print(f"bits/dim (discrete): {row('bits_per_dim')}")
+        print(
+            f"epochs: {metrics['epochs']}, steps: {metrics['steps']}, seconds: "
+            f"{metrics['seconds']:.1f}, stopped: {metrics['stopped']}"
+        )
+    return 0
+
+
+def _eval_images(args: argparse.Namespace, flow: Any, config: dict[str, Any]) -> int:
+    """``eval`` of an image model: discrete log-likelihood and bits/dim of DATA's images
+    dequantized once with :data:`EVAL_DEQUANTIZE_SEED`."""
+    from .data import load
+
+    shape = tuple(config["features"])
+    levels = _model_levels(config, Path(args.model) / "config.json")
+    array = load(args.data, "test", args.key)
+    if not _holds_images(array):
+        raise PushforwardError(
+            f"the model is an image model of shape {shape}, but {args.data} holds vectors of "
+            f"shape {tuple(array.shape)} (rows, features)"
+        )
+    images, _ = _images(array, args.data, levels, f"the model was fitted to {levels} levels")
+    if tuple(images.shape[1:]) != shape:
+        raise PushforwardError(
+            f"the model takes images of shape {shape} (channels, height, width), {args.data} "
+            f"holds images of shape {tuple(images.shape[1:])}"
+        )
+    dims = math.prod(shape)
+    ll = _discrete_log_likelihood(flow, images, levels, EVAL_DEQUANTIZE_SEED, args.data)
+    result = {
+        "log_likelihood": ll,
+        "bits_per_dim": _bits_per_dim(ll, dims),
+        "n": len(images),
+        "features": dims,
+        "levels": levels,
+        "shape": list(shape),
+        "dequantize": config.get("dequantize", DEQUANTIZE_MODES[0]),
+        "model": str(args.model),
+        "data": args.data,
+    }
+    if args.json:
+        _print_json(_sanitize(result))
+    else:
+        print(f"log_likelihood: {ll:.6f} nats/image (discrete, {levels} levels)")
+        print(f"bits_per_dim: {result['bits_per_dim']:.6f} (discrete)")
+        print(f"n: {len(images)}")
+        print(f"features: {dims} (images {'x'.join(map(str, shape))})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # commands
 
 
@@ -475,14 +954,24 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from .data import is_builtin, load, splits
     from .transforms.linear import Standardization
 
+    array = load(args.data, "train", args.key)
+    if _holds_images(array):
+        return _fit_images(args, array)
+    for flag, value in (("--levels", args.levels), ("--dequantize", args.dequantize)):
+        if value is not None:
+            raise PushforwardError(
+                f"{flag} applies to images, but {args.data} holds vectors of shape "
+                f"{tuple(array.shape)} (rows, features)"
+            )
     name = args.flow or default_flow()
-    given = {"layers": args.layers, "hidden": args.hidden, "bins": args.bins}
+    _check_flow_kind(name, False, args.data, array.shape)
+    given = {"layers": args.layers, "hidden": args.hidden, "bins": args.bins, "levels": args.scales}
     options = _recipe_options(name, given)
     out = Path(args.out) if args.out else Path("runs") / f"{_label(args.data)}-{name}"
     _check_out(out, args.force)
 
     builtin = is_builtin(args.data)
-    data = _matrix(load(args.data, "train", args.key), args.data)
+    data = _matrix(array, args.data)
     _seed_everything(args.seed)
     if builtin and "valid" in splits(args.data):
         fit_rows = data
@@ -572,8 +1061,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .data import load
 
     flow, config = io.load_model(args.model)
-    x = _matrix(load(args.data, "test", args.key), args.data)
+    if _is_image_model(config):
+        return _eval_images(args, flow, config)
+    array = load(args.data, "test", args.key)
     features = int(config["features"])
+    if _holds_images(array):
+        raise PushforwardError(
+            f"the model is a vector model of {features} features, but {args.data} holds images "
+            f"of shape {tuple(array.shape)}"
+        )
+    x = _matrix(array, args.data)
     if x.shape[1] != features:
         raise PushforwardError(f"model has {features} features, data has {x.shape[1]}")
     ll = _mean_log_likelihood(flow, x, args.data)
@@ -610,20 +1107,34 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise PushforwardError(f"{out} is a directory")
     if not out.parent.is_dir():
         raise PushforwardError(f"folder {out.parent} does not exist")
-    flow, _ = io.load_model(args.model)
+    flow, config = io.load_model(args.model)
+    from .plots import sample_at_temperature
+
+    image = _is_image_model(config)
+    batch = IMAGE_EVAL_BATCH if image else EVAL_BATCH
     torch.manual_seed(args.seed)
     parts = []
     with torch.no_grad():
-        for start in range(0, args.n, EVAL_BATCH):
-            parts.append(flow.sample(min(EVAL_BATCH, args.n - start)).float().cpu())
+        for start in range(0, args.n, batch):
+            m = min(batch, args.n - start)
+            parts.append(sample_at_temperature(flow, m, args.temperature).float().cpu())
     samples = torch.cat(parts).numpy()
+    bad = int((~np.isfinite(samples)).any(axis=tuple(range(1, samples.ndim))).sum())
+    if image:
+        levels = _model_levels(config, args.model)
+        samples = _quantized(samples, levels)
     buffer = _bytes_io.BytesIO()
     np.save(buffer, samples, allow_pickle=False)
     io.write_atomic(out, buffer.getvalue())
-    bad = int((~np.isfinite(samples)).any(axis=tuple(range(1, samples.ndim))).sum())
     if bad:
         _warn(f"{bad} of {args.n} samples are not finite")
-    print(f"wrote {args.n} samples of {samples.shape[1]} features to {out}")
+    if image:
+        print(
+            f"wrote {args.n} images of shape {tuple(samples.shape[1:])} ({levels} levels, "
+            f"{samples.dtype}) to {out}"
+        )
+    else:
+        print(f"wrote {args.n} samples of {samples.shape[1]} features to {out}")
     return 0
 
 
@@ -640,7 +1151,12 @@ def _cmd_plot(args: argparse.Namespace) -> int:
             history = _history_from_dict(metrics["history"])
     else:
         _warn(f"{metrics_path} not found: no training curves")
-    data = None if config.get("target") or config["features"] == 1 else _plot_data(config)
+    if _is_image_model(config):
+        data = _image_plot_data(config, args.model)
+    elif config.get("target") or config["features"] == 1:
+        data = None
+    else:
+        data = _plot_data(config)
     drawn = _draw_plots(flow, config, history, out, data=data, strict=True)
     for path in drawn:
         print(path)
@@ -782,6 +1298,11 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     if out.exists() and teacher_dir.exists() and out.resolve() == teacher_dir.resolve():
         raise PushforwardError(f"--out {out} is the teacher's directory; choose another one")
     teacher, tconfig = io.load_model(teacher_dir)
+    if _is_image_model(tconfig):
+        raise PushforwardError(
+            f"{teacher_dir}: distill needs a teacher over vectors; this one is an image model of "
+            f"shape {tuple(tconfig['features'])}"
+        )
     features = int(tconfig["features"])
     if tconfig["context_features"] or tuple(teacher.event_shape) != (features,):
         raise PushforwardError(

@@ -56,6 +56,9 @@ STOP_REASONS = ("max-epochs", "early-stopping", "max-time", "non-finite", "max-s
 CHECK_EVERY = 100
 #: rows per batch when evaluating (validation log-likelihood, reverse-KL estimates)
 EVAL_BATCH = 8192
+#: at most this many entries (rows x event size) per validation batch, so that large events
+#: (images: 784 values and wide convolutional activations each) do not take gigabytes
+EVAL_ENTRIES = 2**20
 _SCHEDULES = ("cosine", "none")
 
 
@@ -199,18 +202,43 @@ def _context_rows(c: Any, flow: nn.Module, rows: int, name: str, data_name: str)
 
 
 def _mean_log_prob(flow: nn.Module, x: Tensor, context: Tensor | None) -> float:
-    """Mean ``flow.log_prob`` over the rows of ``x`` (batched, no grad, float64 sum)."""
+    """Mean ``flow.log_prob`` over the rows of ``x`` (no grad, float64 sum), in batches of
+    :data:`EVAL_BATCH` rows or :data:`EVAL_ENTRIES` entries, whichever is fewer."""
     total = torch.zeros((), dtype=torch.float64, device=x.device)
+    size = max(1, x[0].numel()) if len(x) else 1
+    batch = max(1, min(EVAL_BATCH, EVAL_ENTRIES // size))
     with torch.no_grad():
-        for i in range(0, len(x), EVAL_BATCH):
-            c = None if context is None else context[i : i + EVAL_BATCH]
-            total += flow.log_prob(x[i : i + EVAL_BATCH], c).double().sum()
+        for i in range(0, len(x), batch):
+            c = None if context is None else context[i : i + batch]
+            total += flow.log_prob(x[i : i + batch], c).double().sum()
     return total.item() / len(x)
 
 
+#: seconds between progress-bar refreshes when stderr is not a terminal (a log file, a pipe, a
+#: CI console), so that a long run writes a line every few seconds rather than many per second
+LOG_REFRESH_SECONDS = 30.0
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
 def _progress(total: int, desc: str, enabled: bool):
+    """A tqdm bar on stderr; refreshed at most every :data:`LOG_REFRESH_SECONDS` when stderr is
+    not a terminal (tqdm's default of 0.1 s floods logs with carriage-return updates)."""
     from tqdm.auto import tqdm
 
+    interval = (
+        {}
+        if _is_terminal(sys.stderr)
+        else {
+            "mininterval": LOG_REFRESH_SECONDS,
+            "maxinterval": LOG_REFRESH_SECONDS,
+        }
+    )
     return tqdm(
         total=total,
         desc=desc,
@@ -219,6 +247,7 @@ def _progress(total: int, desc: str, enabled: bool):
         disable=not enabled,
         dynamic_ncols=True,
         leave=True,
+        **interval,
     )
 
 
@@ -245,6 +274,7 @@ def fit(
     progress: bool = True,
     lr_schedule: str = "cosine",
     callback: Callable[[int, History], None] | None = None,
+    preprocess: Callable[[Tensor], Tensor] | None = None,
 ) -> History:
     r"""Fit a flow to data by maximum likelihood (minibatch Adam with early stopping).
 
@@ -269,6 +299,16 @@ def fit(
     ``stopped="non-finite"``, restores the best weights so far (the initial ones before the
     first validation) and emits a :class:`RuntimeWarning` naming the epoch and step.
 
+    ``preprocess`` maps every training minibatch (already in the flow's dtype and device) to
+    what the flow models, afresh at each step: uniform dequantization of integer images,
+    :math:`y = (x + u) / L` with new noise :math:`u` every step, is
+    ``preprocess=lambda x: dequantize_uniform(x, L, dtype=x.dtype)``. It runs inside the
+    seeded RNG state, so noise drawn from torch's global generator (as there) is reproducible
+    from ``seed``. The validation set must stay fixed for early stopping to compare epochs:
+    a ``valid`` that is given is used as it is (pass it already preprocessed, e.g. dequantized
+    once with a fixed :class:`torch.Generator`); one split off ``train`` is preprocessed once,
+    right after the split. With ``preprocess=None`` the rows are used as they are.
+
     Args:
         flow: the model (a :class:`~pushforward.distributions.Flow` or anything with
             ``log_prob`` and ``event_shape``); trained in place.
@@ -292,6 +332,8 @@ def fit(
             log-likelihood.
         lr_schedule: ``"cosine"`` or ``"none"``.
         callback: called as ``callback(epoch, history)`` after every epoch.
+        preprocess: applied to every training minibatch before the loss (``None``: nothing);
+            see above.
 
     Returns:
         The :class:`History` of the run.
@@ -321,6 +363,10 @@ def fit(
         raise PushforwardError(
             f"unknown lr_schedule {lr_schedule!r}; choose from: {', '.join(_SCHEDULES)}"
         )
+    if preprocess is not None and not callable(preprocess):
+        raise PushforwardError(
+            f"preprocess must be a function of a minibatch, got {type(preprocess).__name__}"
+        )
     params = [p for p in flow.parameters() if p.requires_grad]
     if not params:
         raise PushforwardError("the flow has no trainable parameters")
@@ -331,7 +377,8 @@ def fit(
     start = time.perf_counter()
     with _seeded(int(seed), device):
         generator = torch.Generator().manual_seed(int(seed))
-        if valid is None:
+        split_off = valid is None
+        if split_off:
             if valid_context is not None:
                 raise PushforwardError("valid_context was given without valid")
             fraction = _check_number(valid_fraction, "valid_fraction")
@@ -360,6 +407,8 @@ def fit(
 
         train, valid = move(train), move(valid)
         train_context, valid_context = move(train_context), move(valid_context)
+        if preprocess is not None and split_off:
+            valid = _preprocessed(preprocess, valid, "the validation rows")
         history = _fit_loop(
             flow,
             params,
@@ -379,9 +428,22 @@ def fit(
             progress=progress,
             cosine=lr_schedule == "cosine",
             callback=callback,
+            preprocess=preprocess,
         )
     history.seconds = time.perf_counter() - start
     return history
+
+
+def _preprocessed(preprocess: Callable[[Tensor], Tensor], x: Tensor, what: str) -> Tensor:
+    """``preprocess(x)``, checked to keep the shape (a clear error otherwise)."""
+    y = preprocess(x)
+    if not isinstance(y, Tensor) or y.shape != x.shape:
+        got = shape_str(y.shape) if isinstance(y, Tensor) else type(y).__name__
+        raise PushforwardError(
+            f"preprocess must return a tensor of the shape it is given: {what} have shape "
+            f"{shape_str(x.shape)}, preprocess returned {got}"
+        )
+    return y
 
 
 def _fit_loop(
@@ -404,6 +466,7 @@ def _fit_loop(
     progress: bool,
     cosine: bool,
     callback: Callable[[int, History], None] | None,
+    preprocess: Callable[[Tensor], Tensor] | None = None,
 ) -> History:
     history = History()
     per_epoch = max(1, len(train) // batch_size)
@@ -427,7 +490,10 @@ def _fit_loop(
             for i in range(per_epoch):
                 idx = order[i * batch_size : (i + 1) * batch_size]
                 context = None if train_context is None else train_context[idx]
-                loss = nll(flow, train[idx], context)
+                batch = train[idx]
+                if preprocess is not None:
+                    batch = _preprocessed(preprocess, batch, "the training minibatches")
+                loss = nll(flow, batch, context)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if clip is not None:
@@ -476,7 +542,7 @@ def _fit_loop(
             else:
                 bad_epochs += 1
             postfix["valid LL"] = f"{ll:.4f}"
-            bar.set_postfix(postfix)
+            bar.set_postfix(postfix, refresh=False)  # shown at the next refresh
             if callback is not None:
                 history.seconds = time.perf_counter() - start
                 callback(epoch, history)
