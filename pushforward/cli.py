@@ -92,6 +92,8 @@ PLOT_TEMPERATURES = (0.5, 0.8, 1.0)
 _FALLBACK_FLOWS = ("nsf", "realnvp", "lu", "piecewise-linear", "affine")
 #: the default flow of ``fit-target``
 DEFAULT_TARGET_FLOW = "planar"
+#: the default number of ``fit-target`` steps (a fifth of them anneal the target)
+DEFAULT_TARGET_STEPS = 10_000
 #: rows per batch when evaluating or sampling (bounds memory)
 EVAL_BATCH = 4096
 #: fraction of the training rows held out for validation when the data has no valid split
@@ -130,6 +132,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
 
 
@@ -265,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--layers", type=_positive_int, metavar="K", help="number of flow layers")
     p.add_argument("--steps", type=_positive_int, metavar="N", help="number of optimisation steps")
+    p.add_argument(
+        "--anneal",
+        type=_non_negative_int,
+        metavar="STEPS",
+        help="raise the target's inverse temperature from 0.01 to 1 over the first STEPS "
+        "steps (Rezende & Mohamed 2015, section 6.1; default: a fifth of --steps; 0: off)",
+    )
     p.add_argument("--max-time", type=_positive_float, metavar="SECONDS", help="time budget")
     p.add_argument("--lr", type=_positive_float, help="Adam learning rate")
     p.add_argument("--seed", type=_seed, default=0, metavar="S", help="random seed (default 0)")
@@ -1190,9 +1209,16 @@ def _cmd_fit_target(args: argparse.Namespace) -> int:
     _check_out(out, args.force)
     log_density = potential(target)
     _seed_everything(args.seed)
+    steps = args.steps if args.steps is not None else DEFAULT_TARGET_STEPS
+    anneal = args.anneal if args.anneal is not None else steps // 5
     training = {
         k: v
-        for k, v in {"steps": args.steps, "max_time": args.max_time, "lr": args.lr}.items()
+        for k, v in {
+            "steps": steps,
+            "anneal_steps": anneal,
+            "max_time": args.max_time,
+            "lr": args.lr,
+        }.items()
         if v is not None
     }
     config = io.make_config(
