@@ -1101,6 +1101,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         "model": str(args.model),
         "data": args.data,
     }
+    true_ll = _true_log_likelihood(args.data, x)
+    if true_ll is not None:
+        # a toy with a closed-form density: how far the model is from the truth, in nats
+        result["true_log_likelihood"] = true_ll
+        result["gap"] = true_ll - ll
     if args.json:
         _print_json(_sanitize(result))
     else:
@@ -1108,7 +1113,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"bits_per_dim: {result['bits_per_dim']:.6f} (differential)")
         print(f"n: {len(x)}")
         print(f"features: {features}")
+        if true_ll is not None:
+            print(f"true_log_likelihood: {true_ll:.6f} nats/example (gap {true_ll - ll:.6f})")
     return 0
+
+
+def _true_log_likelihood(data: str, x) -> float | None:
+    """The mean exact log-density of ``x`` when ``data`` names a toy that has one."""
+    from .data import toy_log_prob, toy_names
+
+    if data not in toy_names():
+        return None
+    try:
+        return float(toy_log_prob(data, x).mean())
+    except PushforwardError:
+        return None
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:

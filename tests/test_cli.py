@@ -78,6 +78,19 @@ def test_eval_equals_the_flows_mean_log_prob(model) -> None:
     assert result["log_likelihood"] == pytest.approx(float(direct), abs=1e-5)
     assert result["log_likelihood"] == pytest.approx(metrics["test_log_likelihood"], abs=1e-5)
     assert result["bits_per_dim"] == pytest.approx(-result["log_likelihood"] / (2 * math.log(2)))
+    assert "true_log_likelihood" not in result  # moons has no closed-form density
+
+
+def test_eval_on_a_toy_with_a_known_density_reports_the_gap(model) -> None:
+    from pushforward.data import toy_log_prob
+
+    directory, _ = model  # a moons model evaluated on 8gaussians: any model will do
+    code, out, _ = run("eval", directory, "8gaussians", "--json")
+    assert code == 0
+    result = json.loads(out)
+    truth = float(toy_log_prob("8gaussians", load("8gaussians", "test")).mean())
+    assert result["true_log_likelihood"] == pytest.approx(truth)
+    assert result["gap"] == pytest.approx(truth - result["log_likelihood"])
     assert (result["n"], result["features"]) == (10000, 2)
     code, out, _ = run("eval", directory, "moons")  # human-readable form
     assert code == 0 and "log_likelihood" in out and "bits_per_dim" in out
