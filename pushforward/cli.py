@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=_positive_int,
         metavar="N",
-        help="number of optimisation steps (default 5000)",
+        help="number of optimisation steps (default 10000)",
     )
     p.add_argument("--max-time", type=_positive_float, metavar="SECONDS", help="time budget")
     p.add_argument("--batch-size", type=_positive_int, metavar="B", help="samples per step")
