@@ -6,6 +6,7 @@ r"""The ``pushforward`` command: fit, evaluate, sample and plot flows from the s
                          [--epochs N] [--max-time SECONDS] [--batch-size B]
                          [--lr LR] [--seed S] [--out DIR] [--force] [--json] [--key K]
                          [--levels L] [--dequantize uniform] [--scales K]
+                         [--checkpoint-every SECONDS] [--resume]
     pushforward eval MODEL_DIR DATA [--json] [--key K]
     pushforward sample MODEL_DIR -n N --out FILE.npy [--seed S] [--force] [--temperature T]
     pushforward plot MODEL_DIR [--out DIR]
@@ -49,6 +50,26 @@ with the teacher's data scaling, so both log-likelihoods are in the data's units
 ``KL(student || teacher)``, the test log-likelihood (mean and median) of both on ``--data`` or
 the teacher's own data, and the time each takes to draw 10,000 samples.
 
+**Checkpoints and resuming.** ``fit`` checkpoints its run every ``--checkpoint-every``
+seconds (default 300) in ``DIR/checkpoint/`` (see :func:`pushforward.train.fit`: weights, best
+weights, Adam's state and the random states, safetensors + JSON, written atomically) and removes
+the checkpoint once the model, metrics and plots are saved. A run that was killed continues with
+the same command plus ``--resume``: it loses at most the steps since the last checkpoint and
+ends with the weights an uninterrupted run would have. ``--resume`` needs no ``--force``; it
+refuses a checkpoint of another flow, data or setting, and without a checkpoint it is an error
+that leaves DIR as it is.
+
+**Several processes.** Under ``torchrun`` ``fit`` trains data-parallel (see
+:mod:`pushforward.distributed`), ``--batch-size`` being the global batch; only rank 0 prints,
+checkpoints and saves::
+
+    torchrun --standalone --nproc_per_node 2 -m pushforward fit moons --batch-size 512
+    torchrun --standalone --nproc_per_node 4 -m pushforward fit mnist --flow glow
+
+(``torchrun ... $(which pushforward) fit ...`` works too.) On the CPU the processes use
+``gloo``; the command line builds its flows on the CPU, so every process trains there (set
+``OMP_NUM_THREADS`` so that the processes do not oversubscribe the cores).
+
 Every error is one line ``pushforward: error: ...`` on stderr with exit status 1 (argparse
 usage errors: status 2); set ``PUSHFORWARD_DEBUG=1`` to see the traceback of an internal error.
 Nothing already saved is overwritten without ``--force``, and no file is left half-written.
@@ -73,6 +94,10 @@ __all__ = ["main", "build_parser", "default_flow", "DEFAULT_FLOW", "EVAL_BATCH"]
 
 #: the flow ``fit`` uses without ``--flow`` (the best general tabular density estimator)
 DEFAULT_FLOW = "maf"
+#: seconds between ``fit``'s checkpoints without ``--checkpoint-every``
+DEFAULT_CHECKPOINT_SECONDS = 300.0
+#: the folder of ``fit``'s checkpoint inside the model directory
+CHECKPOINT_DIR = "checkpoint"
 #: the flow ``fit`` uses on images without ``--flow``
 DEFAULT_IMAGE_FLOW = "glow"
 #: the dequantization modes of ``--dequantize`` (variational dequantization is not offered)
@@ -243,6 +268,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="image flows: number of multi-scale levels (the recipe option 'levels')",
     )
+    p.add_argument(
+        "--checkpoint-every",
+        type=_positive_float,
+        default=DEFAULT_CHECKPOINT_SECONDS,
+        metavar="SECONDS",
+        help=f"seconds between checkpoints in DIR/{CHECKPOINT_DIR}/ (default "
+        f"{DEFAULT_CHECKPOINT_SECONDS:g})",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue the interrupted run in DIR from DIR/{CHECKPOINT_DIR}/ (same command)",
+    )
 
     p = sub.add_parser("eval", help="mean log-likelihood of a saved model on data")
     p.add_argument("model", metavar="MODEL_DIR")
@@ -397,16 +435,49 @@ def _recipe_options(flow: str, given: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-def _check_out(out: Path, force: bool) -> None:
-    from . import io
+def _check_out(out: Path, force: bool, resume: bool = False) -> None:
+    from . import io, train
 
     if out.exists() and not out.is_dir():
         raise PushforwardError(f"--out {out} exists and is not a directory")
+    if resume:
+        if not (out / CHECKPOINT_DIR / train.CHECKPOINT_FILE).is_file():
+            done = " (its run finished: the model is saved)" if io.has_model(out) else ""
+            raise PushforwardError(
+                f"--resume: {out} has no checkpoint{done} "
+                f"({out / CHECKPOINT_DIR / train.CHECKPOINT_FILE} not found); run without "
+                "--resume to start afresh"
+            )
+        return
     if io.has_model(out) and not force:
         raise PushforwardError(
             f"{out} already holds a model; pass --force to overwrite it or --out to choose "
             "another directory"
         )
+
+
+def _checkpointing(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """``fit``'s checkpoint arguments for a run saved in ``out``."""
+    return {
+        "checkpoint": out / CHECKPOINT_DIR,
+        "checkpoint_every": args.checkpoint_every,
+        "resume": args.resume,
+    }
+
+
+def _drop_checkpoint(out: Path) -> None:
+    """Remove the checkpoint of a run whose model, metrics and plots are saved."""
+    from . import train
+
+    folder = out / CHECKPOINT_DIR
+    for name in (train.CHECKPOINT_FILE, train.CHECKPOINT_JSON):
+        (folder / name).unlink(missing_ok=True)
+        for partial in folder.glob(f".{name}.*.tmp"):  # left by a run killed while writing
+            partial.unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:  # absent, or holds files of someone else's
+        pass
 
 
 def _label(source: str) -> str:
@@ -791,13 +862,14 @@ def _fit_images(args: argparse.Namespace, array: Any) -> int:
     from . import io, train
     from .data import is_builtin, load, splits
     from .data.images import dequantize_uniform
+    from .distributed import is_main
 
     name = args.flow or DEFAULT_IMAGE_FLOW
     _check_flow_kind(name, True, args.data, array.shape[1:])
     given = {"layers": args.layers, "hidden": args.hidden, "bins": args.bins, "levels": args.scales}
     options = _recipe_options(name, given)
     out = Path(args.out) if args.out else Path("runs") / f"{_label(args.data)}-{name}"
-    _check_out(out, args.force)
+    _check_out(out, args.force, args.resume)
     dequantize = args.dequantize or DEQUANTIZE_MODES[0]
 
     builtin = is_builtin(args.data)
@@ -854,9 +926,12 @@ def _fit_images(args: argparse.Namespace, array: Any) -> int:
         seed=args.seed,
         progress=True,
         preprocess=lambda x: dequantize_uniform(x, levels, dtype=x.dtype),
+        **_checkpointing(args, out),
         **training,
     )
     flow.eval()
+    if not is_main():  # under torchrun only rank 0 measures and saves
+        return 0
     history = _discrete_history(history, offset)
 
     g = torch.Generator().manual_seed(args.seed)
@@ -903,12 +978,13 @@ def _fit_images(args: argparse.Namespace, array: Any) -> int:
         history=_history_dict(history),
     )
 
-    io.save_model(out, flow, config, force=args.force)
+    io.save_model(out, flow, config, force=args.force or args.resume)
     results: dict[str, Any] = {}
     _draw_plots(flow, config, history, out, data=(plot_images, plot_labels), results=results)
     metrics.update(results)
     metrics = _sanitize(metrics)
     io.write_json(out / io.METRICS_FILE, metrics)
+    _drop_checkpoint(out)
 
     if args.json:
         _print_json(metrics)
@@ -984,6 +1060,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
     from . import io, train
     from .data import is_builtin, load, splits
+    from .distributed import is_main
     from .transforms.linear import Standardization
 
     array = load(args.data, "train", args.key)
@@ -1000,7 +1077,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     given = {"layers": args.layers, "hidden": args.hidden, "bins": args.bins, "levels": args.scales}
     options = _recipe_options(name, given)
     out = Path(args.out) if args.out else Path("runs") / f"{_label(args.data)}-{name}"
-    _check_out(out, args.force)
+    _check_out(out, args.force, args.resume)
 
     builtin = is_builtin(args.data)
     data = _matrix(array, args.data)
@@ -1036,8 +1113,18 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     flow = io.model_from_config(config)
 
     start = time.perf_counter()
-    history = train.fit(flow, fit_rows, valid_rows, seed=args.seed, progress=True, **training)
+    history = train.fit(
+        flow,
+        fit_rows,
+        valid_rows,
+        seed=args.seed,
+        progress=True,
+        **_checkpointing(args, out),
+        **training,
+    )
     flow.eval()
+    if not is_main():  # under torchrun only rank 0 measures and saves
+        return 0
 
     metrics: dict[str, Any] = {
         "data": args.data,
@@ -1068,9 +1155,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     )
     metrics = _sanitize(metrics)
 
-    io.save_model(out, flow, config, force=args.force)
+    io.save_model(out, flow, config, force=args.force or args.resume)
     io.write_json(out / io.METRICS_FILE, metrics)
     _draw_plots(flow, config, history, out, data=fit_rows)
+    _drop_checkpoint(out)
 
     if args.json:
         _print_json(metrics)

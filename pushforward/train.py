@@ -21,18 +21,23 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
+import os
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .core import PushforwardError, check_finite, check_positive_int, shape_str
 from .losses import nll, reverse_kl
 
@@ -45,6 +50,8 @@ __all__ = [
     "DISTILL_OBJECTIVES",
     "STOP_REASONS",
     "CHECK_EVERY",
+    "CHECKPOINT_FILE",
+    "CHECKPOINT_JSON",
 ]
 
 #: why a run ended: ``fit`` gives one of the first four, ``fit_target`` and ``distill``
@@ -60,6 +67,13 @@ EVAL_BATCH = 8192
 #: (images: 784 values and wide convolutional activations each) do not take gigabytes
 EVAL_ENTRIES = 2**20
 _SCHEDULES = ("cosine", "none")
+#: the checkpoint of :func:`fit` in its ``checkpoint`` folder: tensors (weights, best weights,
+#: Adam's moments) in safetensors, everything else as JSON in the file's metadata
+CHECKPOINT_FILE = "checkpoint.safetensors"
+#: a readable copy of the checkpoint's JSON metadata, written after each checkpoint (never read)
+CHECKPOINT_JSON = "checkpoint.json"
+#: the version of the checkpoint format written and read
+CHECKPOINT_VERSION = 1
 
 
 @dataclass
@@ -201,9 +215,20 @@ def _context_rows(c: Any, flow: nn.Module, rows: int, name: str, data_name: str)
     return c
 
 
-def _mean_log_prob(flow: nn.Module, x: Tensor, context: Tensor | None) -> float:
+def _mean_log_prob(
+    flow: nn.Module,
+    x: Tensor,
+    context: Tensor | None,
+    world: distributed.World | None = None,
+) -> float:
     """Mean ``flow.log_prob`` over the rows of ``x`` (no grad, float64 sum), in batches of
-    :data:`EVAL_BATCH` rows or :data:`EVAL_ENTRIES` entries, whichever is fewer."""
+    :data:`EVAL_BATCH` rows or :data:`EVAL_ENTRIES` entries, whichever is fewer; with several
+    processes each sums its share of the rows and the sums are added up."""
+    rows = len(x)
+    if world is not None and world.distributed:
+        lo, hi = world.shard(rows)
+        x = x[lo:hi]
+        context = None if context is None else context[lo:hi]
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     size = max(1, x[0].numel()) if len(x) else 1
     batch = max(1, min(EVAL_BATCH, EVAL_ENTRIES // size))
@@ -211,7 +236,9 @@ def _mean_log_prob(flow: nn.Module, x: Tensor, context: Tensor | None) -> float:
         for i in range(0, len(x), batch):
             c = None if context is None else context[i : i + batch]
             total += flow.log_prob(x[i : i + batch], c).double().sum()
-    return total.item() / len(x)
+    if world is not None:
+        world.sum(total)
+    return total.item() / rows
 
 
 #: seconds between progress-bar refreshes when stderr is not a terminal (a log file, a pipe, a
@@ -275,6 +302,10 @@ def fit(
     lr_schedule: str = "cosine",
     callback: Callable[[int, History], None] | None = None,
     preprocess: Callable[[Tensor], Tensor] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: float | None = 300.0,
+    checkpoint_steps: int | None = None,
+    resume: bool = False,
 ) -> History:
     r"""Fit a flow to data by maximum likelihood (minibatch Adam with early stopping).
 
@@ -309,6 +340,34 @@ def fit(
     once with a fixed :class:`torch.Generator`); one split off ``train`` is preprocessed once,
     right after the split. With ``preprocess=None`` the rows are used as they are.
 
+    **Checkpoints.** With a ``checkpoint`` folder, the run is saved there every
+    ``checkpoint_every`` seconds and/or every ``checkpoint_steps`` steps (after an optimiser
+    step, mid-epoch included) and once at the end, atomically (temporary file and rename), as
+    :data:`CHECKPOINT_FILE`: the current and the best weights and Adam's moments and step
+    counts as tensors, and as JSON metadata the epoch, the steps done in it, the global step,
+    the learning-rate schedule's position, the best validation figure, the patience counter,
+    the :class:`History` so far, and the random states (of the epoch's shuffle and of torch's
+    generator, as lists of ints). Nothing is pickled. ``resume=True`` continues from it: the
+    run then ends with the same weights and history as one never interrupted (same data,
+    flow and settings; ``preprocess`` noise drawn from torch's generator included), having
+    redone at most the steps since the last checkpoint. A checkpoint of a different flow,
+    data or setting (``epochs``, ``batch_size``, ``lr``, ``seed``, ...) is refused with an
+    error naming the difference; ``max_time`` counts the time before the interruption too.
+    A checkpoint written at the end makes ``resume`` return its history at once, with the
+    final weights.
+
+    **Several processes.** Under ``torchrun`` (environment ``WORLD_SIZE > 1``) every process
+    calls ``fit`` with the same arguments; the flow is wrapped in
+    :class:`~torch.nn.parallel.DistributedDataParallel` (``gloo`` on the CPU, ``nccl`` with the
+    flow on ``cuda:LOCAL_RANK``), every rank draws the same shuffles and ``preprocess`` noise
+    and trains on its share of each global batch of ``batch_size`` rows, the validation set is
+    split between the ranks and its log-likelihood summed over them, and only rank 0 shows
+    progress, calls ``callback`` and writes checkpoints. The result equals single-process
+    training with the same ``batch_size`` up to the order of floating-point sums, except for
+    batch normalisation, whose statistics are each rank's share (data-dependent ActNorm
+    initialisation is done on the whole first batch, as in one process). For example
+    ``torchrun --standalone --nproc_per_node 2 -m pushforward fit moons``.
+
     Args:
         flow: the model (a :class:`~pushforward.distributions.Flow` or anything with
             ``log_prob`` and ``event_shape``); trained in place.
@@ -334,6 +393,10 @@ def fit(
         callback: called as ``callback(epoch, history)`` after every epoch.
         preprocess: applied to every training minibatch before the loss (``None``: nothing);
             see above.
+        checkpoint: folder of the checkpoint (created if needed; ``None``: no checkpoints).
+        checkpoint_every: seconds between checkpoints (``None``: not by time).
+        checkpoint_steps: optimiser steps between checkpoints (``None``: not by steps).
+        resume: continue from the checkpoint in ``checkpoint`` (an error if there is none).
 
     Returns:
         The :class:`History` of the run.
@@ -370,6 +433,20 @@ def fit(
     params = [p for p in flow.parameters() if p.requires_grad]
     if not params:
         raise PushforwardError("the flow has no trainable parameters")
+    if checkpoint is None and resume:
+        raise PushforwardError("resume=True needs the checkpoint folder to resume from")
+    every = (
+        None if checkpoint_every is None else _check_number(checkpoint_every, "checkpoint_every")
+    )
+    every_steps = (
+        None
+        if checkpoint_steps is None
+        else check_positive_int(checkpoint_steps, "checkpoint_steps")
+    )
+    if resume and not (Path(checkpoint) / CHECKPOINT_FILE).is_file():
+        raise PushforwardError(
+            f"no checkpoint to resume from: {Path(checkpoint) / CHECKPOINT_FILE} not found"
+        )
 
     train = _rows(train, flow, "train")
     train_context = _context_rows(train_context, flow, len(train), "train_context", "train")
@@ -409,6 +486,24 @@ def fit(
         train_context, valid_context = move(train_context), move(valid_context)
         if preprocess is not None and split_off:
             valid = _preprocessed(preprocess, valid, "the validation rows")
+        saver = None
+        if checkpoint is not None:
+            settings = {
+                "epochs": epochs,
+                "batch_size": min(batch_size, len(train)),
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "patience": patience,
+                "clip": clip,
+                "seed": int(seed),
+                "lr_schedule": lr_schedule,
+            }
+            saver = _Checkpoint(
+                Path(checkpoint),
+                _fingerprint(flow, settings, train, valid, train_context, valid_context),
+                every,
+                every_steps,
+            )
         history = _fit_loop(
             flow,
             params,
@@ -429,8 +524,9 @@ def fit(
             cosine=lr_schedule == "cosine",
             callback=callback,
             preprocess=preprocess,
+            saver=saver,
+            resume=resume,
         )
-    history.seconds = time.perf_counter() - start
     return history
 
 
@@ -467,7 +563,66 @@ def _fit_loop(
     cosine: bool,
     callback: Callable[[int, History], None] | None,
     preprocess: Callable[[Tensor], Tensor] | None = None,
+    saver: _Checkpoint | None = None,
+    resume: bool = False,
 ) -> History:
+    device = train.device
+    world, created = distributed.join(device)
+    try:
+        return _fit_epochs(
+            flow,
+            params,
+            train,
+            valid,
+            train_context,
+            valid_context,
+            generator=generator,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            patience=patience,
+            clip=clip,
+            max_time=max_time,
+            start=start,
+            progress=progress,
+            cosine=cosine,
+            callback=callback,
+            preprocess=preprocess,
+            saver=saver,
+            resume=resume,
+            world=world,
+        )
+    finally:
+        distributed.leave(created)
+
+
+def _fit_epochs(
+    flow: nn.Module,
+    params: list[Tensor],
+    train: Tensor,
+    valid: Tensor,
+    train_context: Tensor | None,
+    valid_context: Tensor | None,
+    *,
+    generator: torch.Generator,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    patience: int,
+    clip: float | None,
+    max_time: float | None,
+    start: float,
+    progress: bool,
+    cosine: bool,
+    callback: Callable[[int, History], None] | None,
+    preprocess: Callable[[Tensor], Tensor] | None,
+    saver: _Checkpoint | None,
+    resume: bool,
+    world: distributed.World,
+) -> History:
+    device = train.device
     history = History()
     per_epoch = max(1, len(train) // batch_size)
     total = epochs * per_epoch
@@ -477,23 +632,78 @@ def _fit_loop(
     )
     best_state = _snapshot(flow)
     bad_epochs = 0
-    bar = _progress(total, "fit", progress)
+    first_epoch, skip = 1, 0
+    sums = {"epoch_sum": 0.0, "window_sum": 0.0, "window": 0, "done": 0}
+    epoch_rng: list[int] | None = None
+    if saver is not None and resume:
+        state = saver.load(flow, optimizer, scheduler)
+        best_state = state["best"]
+        history = History.from_dict(state["history"])
+        if state["finished"]:
+            flow.load_state_dict(best_state)
+            flow.eval()
+            return history
+        bad_epochs = state["bad_epochs"]
+        first_epoch, skip = state["epoch"], state["batches"]
+        sums = state["sums"]
+        epoch_rng = state["epoch_rng"]
+        _set_rng(state["rng"], device)
+        start = time.perf_counter() - float(state["seconds"])
+    main = world.main
+    model: nn.Module = flow
+    if world.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            flow, device_ids=[device.index or 0] if device.type == "cuda" else None
+        )
+    bar = _progress(total, "fit", progress and main)
+    bar.update(history.steps)
     postfix: dict[str, str] = {}
     stop = ""
+    last_save = time.perf_counter()
+
+    def save(epoch: int, batches: int, finished: bool = False) -> None:
+        nonlocal last_save
+        if saver is not None and main:
+            saver.save(
+                flow,
+                best_state,
+                optimizer,
+                scheduler,
+                {
+                    "finished": finished,
+                    "epoch": epoch,
+                    "batches": batches,
+                    "bad_epochs": bad_epochs,
+                    "sums": sums,
+                    "epoch_rng": epoch_rng,
+                    "rng": _get_rng(device),
+                    "seconds": time.perf_counter() - start,
+                    "history": history.to_dict(),
+                },
+            )
+        last_save = time.perf_counter()
+
     try:
-        for epoch in range(1, epochs + 1):
+        for epoch in range(first_epoch, epochs + 1):
             flow.train()
-            order = torch.randperm(len(train), generator=generator).to(train.device)
-            epoch_sum = torch.zeros((), dtype=torch.float64, device=train.device)
-            window_sum = torch.zeros((), dtype=torch.float64, device=train.device)
-            window, done = 0, 0
-            for i in range(per_epoch):
+            if epoch_rng is not None and epoch == first_epoch:
+                generator.set_state(torch.tensor(epoch_rng, dtype=torch.uint8))
+            epoch_rng = generator.get_state().tolist()
+            order = torch.randperm(len(train), generator=generator).to(device)
+            epoch_sum = torch.tensor(float(sums["epoch_sum"]), dtype=torch.float64, device=device)
+            window_sum = torch.tensor(float(sums["window_sum"]), dtype=torch.float64, device=device)
+            window, done = int(sums["window"]), int(sums["done"])
+            begin = skip if epoch == first_epoch else 0
+            for i in range(begin, per_epoch):
                 idx = order[i * batch_size : (i + 1) * batch_size]
                 context = None if train_context is None else train_context[idx]
                 batch = train[idx]
                 if preprocess is not None:
                     batch = _preprocessed(preprocess, batch, "the training minibatches")
-                loss = nll(flow, batch, context)
+                if world.distributed:
+                    loss = _shard_loss(flow, model, batch, context, world, history.steps == 0)
+                else:
+                    loss = nll(flow, batch, context)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if clip is not None:
@@ -504,11 +714,16 @@ def _fit_loop(
                 history.steps += 1
                 done += 1
                 value = loss.detach().double()
+                now = time.perf_counter()
+                out_of_time = max_time is not None and now - start > max_time
+                if world.distributed:  # the global batch's loss; rank 0's clock decides
+                    both = torch.stack([value / world.size, value.new_tensor(out_of_time * main)])
+                    value, flag = world.sum(both).unbind()
+                    out_of_time = max_time is not None and bool(flag.item())
                 epoch_sum += value
                 window_sum += value
                 window += 1
                 bar.update(1)
-                out_of_time = max_time is not None and time.perf_counter() - start > max_time
                 if window == CHECK_EVERY or i == per_epoch - 1 or out_of_time:
                     mean = window_sum.item() / window
                     if not math.isfinite(mean):
@@ -522,13 +737,22 @@ def _fit_loop(
                 if out_of_time:
                     stop = "max-time"
                     break
+                if saver is not None and saver.due(history.steps, now - last_save):
+                    sums = {
+                        "epoch_sum": epoch_sum.item(),
+                        "window_sum": window_sum.item(),
+                        "window": window,
+                        "done": done,
+                    }
+                    save(epoch, i + 1)
+            sums = {"epoch_sum": 0.0, "window_sum": 0.0, "window": 0, "done": 0}
             history.epochs = epoch
             if stop == "non-finite":
                 history.train_loss.append(math.nan)
                 break
-            history.train_loss.append(epoch_sum.item() / done)
+            history.train_loss.append(epoch_sum.item() / max(done, 1))
             flow.eval()
-            ll = _mean_log_prob(flow, valid, valid_context)
+            ll = _mean_log_prob(flow, valid, valid_context, world)
             history.valid_log_likelihood.append(ll)
             if math.isnan(ll) or ll == math.inf:
                 stop = "non-finite"
@@ -543,7 +767,7 @@ def _fit_loop(
                 bad_epochs += 1
             postfix["valid LL"] = f"{ll:.4f}"
             bar.set_postfix(postfix, refresh=False)  # shown at the next refresh
-            if callback is not None:
+            if callback is not None and main:
                 history.seconds = time.perf_counter() - start
                 callback(epoch, history)
             if stop:
@@ -551,12 +775,208 @@ def _fit_loop(
             if bad_epochs >= patience:
                 stop = "early-stopping"
                 break
+        history.stopped = stop or "max-epochs"
+        history.seconds = time.perf_counter() - start
+        save(history.epochs, 0, finished=True)
     finally:
         bar.close()
         flow.load_state_dict(best_state)
         flow.eval()
-    history.stopped = stop or "max-epochs"
     return history
+
+
+def _shard_loss(
+    flow: nn.Module,
+    model: nn.Module,
+    batch: Tensor,
+    context: Tensor | None,
+    world: distributed.World,
+    first: bool,
+) -> Tensor:
+    """This rank's part of the global batch's mean negative log-likelihood, scaled so that
+    DistributedDataParallel's average of the ranks' gradients is the global batch's gradient.
+
+    Before the very first step, data-dependent initialisations (ActNorm) are run on the whole
+    global batch, as a single process would, so that every rank starts from the same weights.
+    """
+    if first and any(
+        isinstance(b, Tensor) and b.dtype == torch.bool and not bool(b.all())
+        for name, b in flow.named_buffers()
+        if name.rsplit(".", 1)[-1] == "initialized"
+    ):
+        with torch.no_grad():
+            flow.log_prob(batch, context)
+    lo, hi = world.shard(len(batch))
+    c = None if context is None else context[lo:hi]
+    return -model(batch[lo:hi], c).sum() * (world.size / len(batch))
+
+
+def _get_rng(device: torch.device) -> dict[str, list[int]]:
+    """Torch's generator states (CPU, and the flow's GPU), as lists of ints for JSON."""
+    state = {"cpu": torch.get_rng_state().tolist()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device).tolist()
+    return state
+
+
+def _set_rng(state: dict[str, list[int]], device: torch.device) -> None:
+    torch.set_rng_state(torch.tensor(state["cpu"], dtype=torch.uint8))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8), device)
+
+
+def _digest(*tensors: Tensor | None) -> str:
+    """sha256 of the tensors' shapes, dtypes and bytes."""
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is None:
+            h.update(b"none")
+            continue
+        t = t.detach().contiguous().cpu()
+        h.update(f"{tuple(t.shape)} {t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _fingerprint(
+    flow: nn.Module,
+    settings: dict[str, Any],
+    train: Tensor,
+    valid: Tensor,
+    train_context: Tensor | None,
+    valid_context: Tensor | None,
+) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed: the flow's structure, the settings
+    that shape the run, and the data."""
+    return {
+        "flow": {k: [type(flow).__name__, *v.shape] for k, v in flow.state_dict().items()},
+        "settings": settings,
+        "train": [list(train.shape), _digest(train, train_context)],
+        "valid": [list(valid.shape), _digest(valid, valid_context)],
+    }
+
+
+class _Checkpoint:
+    """The checkpoint file of one :func:`fit` run (see :func:`fit`)."""
+
+    def __init__(
+        self,
+        folder: Path,
+        fingerprint: dict[str, Any],
+        every: float | None,
+        every_steps: int | None,
+    ) -> None:
+        self.folder = folder
+        self.path = folder / CHECKPOINT_FILE
+        self.fingerprint = fingerprint
+        self.every = every
+        self.every_steps = every_steps
+
+    def due(self, step: int, since: float) -> bool:
+        """Whether a checkpoint is due after global step ``step``, ``since`` seconds after
+        the last one."""
+        if self.every_steps is not None and step % self.every_steps == 0:
+            return True
+        return self.every is not None and since >= self.every
+
+    def save(
+        self,
+        flow: nn.Module,
+        best: dict[str, Tensor],
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        meta: dict[str, Any],
+    ) -> None:
+        from safetensors.torch import save
+
+        from .io import write_atomic
+
+        tensors = {f"model.{k}": v for k, v in _snapshot(flow).items()}
+        tensors.update({f"best.{k}": v.detach().clone() for k, v in best.items()})
+        opt = optimizer.state_dict()
+        for index, values in opt["state"].items():
+            for key, value in values.items():
+                if not isinstance(value, Tensor):
+                    raise PushforwardError(f"cannot checkpoint optimizer state {key!r}")
+                tensors[f"optim.{index}.{key}"] = value.detach().clone().contiguous()
+        meta = {
+            "format": "pushforward-checkpoint",
+            "version": CHECKPOINT_VERSION,
+            **self.fingerprint,
+            **meta,
+            "param_groups": opt["param_groups"],
+            "scheduler": None if scheduler is None else scheduler.state_dict(),
+        }
+        text = json.dumps(meta)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path, save(tensors, metadata={"pushforward": text}))
+        readable = json.dumps({k: v for k, v in meta.items() if k not in ("rng", "epoch_rng")})
+        write_atomic(self.folder / CHECKPOINT_JSON, (readable + "\n").encode())
+
+    def load(
+        self, flow: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    ) -> dict[str, Any]:
+        """Check the checkpoint against this run, load the weights, optimizer and schedule,
+        and return the rest (the best weights under ``"best"``)."""
+        from safetensors import safe_open
+
+        where = str(self.path)
+        try:
+            with safe_open(where, framework="pt") as f:
+                text = (f.metadata() or {}).get("pushforward")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise PushforwardError(f"{where} is not a valid checkpoint: {detail}") from None
+        try:
+            meta = json.loads(text or "")
+        except json.JSONDecodeError:
+            meta = None
+        if not isinstance(meta, dict) or meta.get("format") != "pushforward-checkpoint":
+            raise PushforwardError(f"{where} is not a pushforward checkpoint")
+        if meta.get("version") != CHECKPOINT_VERSION:
+            raise PushforwardError(
+                f"{where} has checkpoint version {meta.get('version')!r}; this version reads "
+                f"{CHECKPOINT_VERSION}"
+            )
+        mine = self.fingerprint
+        if meta["flow"] != mine["flow"]:
+            raise PushforwardError(
+                f"{where} is the checkpoint of a different flow (its parameters' names or "
+                "shapes differ from this flow's); start afresh without resume"
+            )
+        for key, value in mine["settings"].items():
+            theirs = meta["settings"].get(key)
+            if theirs != value:
+                raise PushforwardError(
+                    f"{where} was written with {key}={theirs!r}, this run has {key}={value!r}; "
+                    "resume with the same settings"
+                )
+        for part in ("train", "valid"):
+            if meta[part] != mine[part]:
+                raise PushforwardError(
+                    f"{where} was written for different {part} data (shape "
+                    f"{shape_str(meta[part][0])}, now {shape_str(mine[part][0])}, or other "
+                    "values); resume with the same data"
+                )
+        model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        flow.load_state_dict(model)
+        _, device = _like(flow)
+        state: dict[int, dict[str, Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        groups = meta["param_groups"]
+        for group in groups:
+            if "betas" in group:
+                group["betas"] = tuple(group["betas"])
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        if scheduler is not None and meta.get("scheduler") is not None:
+            scheduler.load_state_dict(meta["scheduler"])
+        meta["best"] = {k: v.to(device) for k, v in best.items()}
+        return meta
 
 
 def _warn_non_finite(where: str, history: History) -> None:
@@ -564,7 +984,7 @@ def _warn_non_finite(where: str, history: History) -> None:
     warnings.warn(
         f"training stopped: non-finite loss at {where}; restored the weights of {kept}",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=5,
     )
 
 
