@@ -104,6 +104,8 @@ DEFAULT_IMAGE_FLOW = "glow"
 DEQUANTIZE_MODES = ("uniform",)
 #: seed of the single dequantization of test images (``fit``'s test figures and ``eval``)
 EVAL_DEQUANTIZE_SEED = 0
+#: seed of a VAE's test binarization and importance samples (``vae``'s test figures, ``eval``)
+EVAL_SEED = 0
 #: images per batch when evaluating or sampling an image flow (bounds memory)
 IMAGE_EVAL_BATCH = 500
 #: ``fit`` reports the training log-likelihood of images on at most this many training images
@@ -170,6 +172,16 @@ def _non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
 
 
@@ -286,6 +298,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL_DIR")
     p.add_argument("data", metavar="DATA")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--key", metavar="K", help="array of a .npz file (default: the first)")
+    p.add_argument(
+        "--iw-samples",
+        type=_positive_int,
+        default=1000,
+        metavar="K",
+        help="VAE models: importance samples of the log-likelihood estimate (default 1000)",
+    )
+
+    p = sub.add_parser(
+        "vae", help="fit a VAE with a flow posterior to binarized images (or [0,1] vectors)"
+    )
+    p.add_argument("data", metavar="DATA", help="built-in name (mnist, digits) or a file")
+    p.add_argument(
+        "--posterior",
+        default="gaussian",
+        metavar="NAME",
+        help="gaussian, or a registered flow: planar, radial, householder, iaf, cclinIAF, "
+        "sylvester-orthogonal, sylvester-householder, sylvester-triangular (default gaussian)",
+    )
+    p.add_argument("--flow-length", type=_positive_int, metavar="K", help="posterior flow layers")
+    p.add_argument("--latent", type=_positive_int, default=32, metavar="Z", help="default 32")
+    p.add_argument(
+        "--hidden", type=_hidden, metavar="W,W", help="encoder/decoder widths (default 300)"
+    )
+    p.add_argument(
+        "--context", type=_positive_int, default=300, metavar="H", help="size of h (default 300)"
+    )
+    p.add_argument("--epochs", type=_positive_int, metavar="N", help="maximum number of epochs")
+    p.add_argument("--max-time", type=_positive_float, metavar="SECONDS", help="time budget")
+    p.add_argument(
+        "--warmup", type=_non_negative_float, metavar="EPOCHS", help="KL warm-up (default 10)"
+    )
+    p.add_argument("--batch-size", type=_positive_int, metavar="B", help="minibatch size")
+    p.add_argument("--lr", type=_positive_float, help="Adam learning rate")
+    p.add_argument("--levels", type=_positive_int, metavar="L", help="intensity levels")
+    p.add_argument(
+        "--iw-samples",
+        type=_positive_int,
+        default=100,
+        metavar="K",
+        help="importance samples of the reported test log-likelihood (default 100; "
+        "`eval` uses 1000)",
+    )
+    p.add_argument("--seed", type=_seed, default=0, metavar="S", help="random seed (default 0)")
+    p.add_argument("--out", required=True, metavar="DIR", help="model directory")
+    p.add_argument("--force", action="store_true", help="overwrite a model in DIR")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.add_argument("--key", metavar="K", help="array of a .npz file (default: the first)")
 
     p = sub.add_parser("sample", help="draw samples from a saved model into a .npy file")
@@ -1176,10 +1236,141 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from . import io
+def _vae_labels(data: str):
+    """Labels of a built-in image dataset's test split (for the latent scatter), else None."""
+    from .data.images import load_digits, load_mnist
+
+    loaders = {"mnist": load_mnist, "digits": load_digits}
+    return loaders[data]("test", labels=True)[1] if data in loaders else None
+
+
+def _vae_test(data: str, key: str | None):
+    from .data import is_builtin, load, splits
+
+    if is_builtin(data) and "test" in splits(data):
+        return load(data, "test", key)
+    return None
+
+
+def _cmd_vae(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import vae as vaes
     from .data import load
 
+    out = Path(args.out)
+    _check_out(out, args.force)
+    levels = args.levels if args.levels is not None else BUILTIN_LEVELS.get(args.data)
+    x = vaes.unit_pixels(load(args.data, "train", args.key), levels, name=args.data)
+    _seed_everything(args.seed)
+    model = vaes.VAE(
+        tuple(x.shape[1:]),
+        latent=args.latent,
+        posterior=args.posterior,
+        flow_length=args.flow_length,
+        hidden=args.hidden or (300,),
+        context=args.context,
+    )
+    training = {
+        k: v
+        for k, v in {
+            "epochs": args.epochs,
+            "max_time": args.max_time,
+            "warmup": args.warmup,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+        }.items()
+        if v is not None
+    }
+    start = time.perf_counter()
+    history = vaes.fit_vae(model, x, seed=args.seed, progress=True, **training)
+    seconds = time.perf_counter() - start
+    extras = {"data": args.data, "seed": args.seed, "levels": levels, "training": training}
+    vaes.save_vae(out, model, extras, force=True)  # _check_out has guarded the directory
+    metrics: dict[str, Any] = {
+        "data": args.data,
+        "posterior": args.posterior,
+        "latent": args.latent,
+        "n_train": len(x),
+        "best_valid_elbo": getattr(history, "best_valid_log_likelihood", None),
+        "epochs": getattr(history, "epochs", None),
+        "seconds": seconds,
+        "stopped": getattr(history, "stopped", None),
+    }
+    test = _vae_test(args.data, args.key)
+    if test is not None:
+        xt = vaes.unit_pixels(test, levels, name=args.data)
+        result = vaes.evaluate_vae(model, xt, iw_samples=args.iw_samples, seed=EVAL_SEED)
+        metrics.update({f"test_{k}": v for k, v in result.items()})
+    metrics["history"] = _history_dict(history)
+    from . import io
+
+    io.write_json(out / io.METRICS_FILE, _sanitize(metrics))
+    with torch.no_grad():
+        _vae_plots(model, out, xt if test is not None else x, args.data, args.latent)
+    if args.json:
+        _print_json(_sanitize(metrics))
+    else:
+        print(f"saved {out} (VAE, posterior {args.posterior}, latent {args.latent})")
+        if test is not None:
+            print(
+                f"test: elbo {metrics['test_elbo']:.4f}, log-likelihood "
+                f"{metrics['test_log_likelihood']:.4f} nats/example "
+                f"(importance-weighted, K={args.iw_samples})"
+            )
+    return 0
+
+
+def _vae_plots(model: Any, out: Path, x: Any, data: str, latent: int) -> None:
+    from . import vae as vaes
+
+    try:
+        if len(model.data_shape) == 3:
+            vaes.plot_reconstructions(model, x[:10], out / "reconstructions.png")
+            vaes.plot_samples(model, out / "samples.png")
+        labels = _vae_labels(data) if latent == 2 else None
+        if labels is not None and len(labels) == len(x):
+            vaes.plot_latent(model, x, labels, out / "latent.png")
+    except (ImportError, PushforwardError) as e:
+        _warn(f"skipping VAE plots: {_one_line(e)}")
+
+
+def _eval_vae(args: argparse.Namespace) -> int:
+    import math as m
+
+    from . import vae as vaes
+    from .data import load
+
+    model, config = vaes.load_vae(args.model)
+    x = vaes.unit_pixels(load(args.data, "test", args.key), config.get("levels"), name=args.data)
+    result = vaes.evaluate_vae(model, x, iw_samples=args.iw_samples, seed=EVAL_SEED)
+    features = int(m.prod(model.data_shape))
+    result.update(
+        {
+            "bits_per_dim": -result["log_likelihood"] / (features * m.log(2.0)),
+            "features": features,
+            "model": str(args.model),
+            "data": args.data,
+        }
+    )
+    if args.json:
+        _print_json(_sanitize(result))
+    else:
+        print(f"elbo: {result['elbo']:.6f} nats/example")
+        print(
+            f"log_likelihood: {result['log_likelihood']:.6f} nats/example "
+            f"(importance-weighted, K={args.iw_samples})"
+        )
+        print(f"n: {result['n']}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from . import io, vae
+    from .data import load
+
+    if vae.is_vae(args.model):
+        return _eval_vae(args)
     flow, config = io.load_model(args.model)
     if _is_image_model(config):
         return _eval_images(args, flow, config)
@@ -1608,6 +1799,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "plot": _cmd_plot,
     "flows": _cmd_flows,
     "fit-target": _cmd_fit_target,
+    "vae": _cmd_vae,
     "distill": _cmd_distill,
 }
 
