@@ -332,3 +332,95 @@ def test_rows_do_not_depend_on_the_rest_of_the_batch(inverse):
             x[i : i + 1], w[i : i + 1], h[i : i + 1], d[i : i + 1], inverse=inverse
         )
         assert torch.equal(yi[0], y[i]) and torch.equal(ladi[0], lad[i])
+
+
+def autograd_reference(x, uw, uh, ud, inverse, bound=B, mw=1e-3, mh=1e-3, md=1e-3):
+    """The spline written with differentiable torch operations (softmax, cumsum, gather), in
+    the style of nflows: autograd's gradients to compare the hand-written backward with."""
+    k_ = uw.shape[-1]
+
+    def knots(u, m):
+        p = m + (1 - k_ * m) * torch.softmax(u, -1)
+        c = F.pad(torch.cumsum(p, -1), (1, 0))
+        return c, p
+
+    cx, w = knots(uw, mw)
+    cy, h = knots(uh, mh)
+    one = torch.ones_like(ud[..., :1])
+    d = torch.cat([one, md + F.softplus(ud), one], -1)
+    xi = (x.clamp(-bound, bound) + bound) / (2 * bound)
+    search = cy if inverse else cx
+    k = (search[..., 1:-1] <= xi.unsqueeze(-1)).sum(-1, keepdim=True)
+    x0, y0 = cx.gather(-1, k)[..., 0], cy.gather(-1, k)[..., 0]
+    wk, hk = w.gather(-1, k)[..., 0], h.gather(-1, k)[..., 0]
+    d0, d1 = d.gather(-1, k)[..., 0], d.gather(-1, k + 1)[..., 0]
+    s = hk / wk
+    if inverse:
+        dy = xi - y0
+        a = hk * (s - d0) + dy * (d1 + d0 - 2 * s)
+        b = hk * d0 - dy * (d1 + d0 - 2 * s)
+        c = -s * dy
+        t = 2 * c / (-b - torch.sqrt(b * b - 4 * a * c))
+    else:
+        t = (xi - x0) / wk
+    den = s + (d1 + d0 - 2 * s) * t * (1 - t)
+    lad = torch.log(s**2 * (d1 * t**2 + 2 * s * t * (1 - t) + d0 * (1 - t) ** 2)) - 2 * torch.log(
+        den
+    )
+    if inverse:
+        out, lad = x0 + t * wk, -lad
+    else:
+        out = y0 + hk * (s * t**2 + d0 * t * (1 - t)) / den
+    inside = (x > -bound) & (x < bound)
+    return torch.where(inside, out * 2 * bound - bound, x), torch.where(inside, lad, 0.0)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("which", ["y", "lad", "both"])
+def test_gradients_match_autograd_reference(inverse, which):
+    # the hand-written backward against autograd through a direct implementation, for each
+    # output alone (the other's gradient is then None) and both, inputs in the tails included
+    g = torch.Generator().manual_seed(11)
+    n, bins = 300, 6
+    x = torch.cat([torch.tensor([-7.0, 6.0]), torch.linspace(-4.99, 4.99, n - 2)]).double()
+    w, h, d = params(n, bins, scale=1.5, seed=12)
+    if inverse:
+        x = rational_quadratic_spline(x, w, h, d)[0]
+    weights = torch.randn(2, n, generator=g, dtype=torch.float64)
+    grads = []
+    for fn in (rational_quadratic_spline, autograd_reference):
+        args = [t.clone().requires_grad_() for t in (x, w, h, d)]
+        y, lad = fn(*args, inverse=inverse)
+        terms = {"y": [(weights[0] * y).sum()], "lad": [(weights[1] * lad).sum()]}
+        loss = sum(terms["y"] + terms["lad"]) if which == "both" else terms[which][0]
+        grads.append(torch.autograd.grad(loss, args))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_layouts_and_matmul_precision_give_the_same_results(inverse):
+    # parameters as a network gives them (a transposed contiguous matrix: moved to the bins'
+    # layout by a product with a permutation matrix), in another layout (a strided copy), and
+    # with reduced-precision float32 matrix products allowed (the copy again): same bits
+    g = torch.Generator().manual_seed(13)
+    tr = RQSplineTransformer(bins=8)
+    z = torch.randn(64, 5, generator=g) * 3
+    p = torch.randn(64, 5, 23, generator=g) * 2
+    runs = []
+    previous = torch.get_float32_matmul_precision()
+    for layout, precision in (("native", "highest"), ("strided", "highest"), ("native", "medium")):
+        q = p.clone() if layout == "native" else p.transpose(0, 1).contiguous().transpose(0, 1)
+        q.requires_grad_()
+        zz = z.clone().requires_grad_()
+        torch.set_float32_matmul_precision(precision)
+        try:
+            out, lad = (tr.inverse if inverse else tr)(zz, q)
+            gz, gq = torch.autograd.grad(out.sum() + lad.sum(), (zz, q))
+        finally:
+            torch.set_float32_matmul_precision(previous)
+        assert gq.stride() == q.stride()
+        runs.append((out, lad, gz, gq))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
