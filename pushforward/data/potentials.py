@@ -25,8 +25,9 @@ Only :math:`U_1` is normalisable on :math:`\mathbb R^2`. :math:`U_2, U_3, U_4` d
 on :math:`z_1` except through bounded wiggles, so :math:`\int e^{-U} dz_2` is about constant in
 :math:`z_1` and the total mass is infinite: these targets are meant on a box (the paper draws
 them on :math:`[-4, 4]^2`). A reverse-KL fit then keeps spreading :math:`q` along :math:`z_1`
-(its entropy grows at no cost), so :math:`\mathbb E_q[\log q + U]` has no lower bound; compare
-flows on them at equal budgets, or by the picture.
+(its entropy grows at no cost), so :math:`\mathbb E_q[\log q + U]` has no lower bound.
+``potential(name, box=4)`` adds a steep wall outside :math:`[-4, 4]^2` (:func:`box_wall`),
+which makes every target normalisable; ``pushforward fit-target`` uses it by default.
 
 References:
     Rezende and Mohamed (2015), "Variational Inference with Normalizing Flows",
@@ -48,7 +49,12 @@ from torch import Tensor
 
 from ..core import PushforwardError, check_event
 
-__all__ = ["potential", "potential_names"]
+__all__ = ["potential", "potential_names", "box_wall", "BOX", "WALL_WIDTH"]
+
+#: half-width of the square the paper draws the targets on, :math:`[-4, 4]^2`
+BOX = 4.0
+#: width of :func:`box_wall`: the density falls by :math:`e^{-1/2}` 0.05 outside the box
+WALL_WIDTH = 0.05
 
 
 def _w1(z1: Tensor) -> Tensor:
@@ -105,11 +111,29 @@ def potential_names() -> list[str]:
     return list(_POTENTIALS)
 
 
-def potential(name: str) -> Callable[[Tensor], Tensor]:
+def box_wall(z: Tensor, box: float, width: float = WALL_WIDTH) -> Tensor:
+    r"""A steep quadratic wall outside the square :math:`[-b, b]^2`, zero inside:
+    :math:`\frac12 \sum_i \bigl(\max(0, |z_i| - b) / w\bigr)^2`.
+
+    Added to :math:`U_2, U_3, U_4` it confines them to the box the paper draws them on, which
+    makes them normalisable (their mass outside is negligible), so that a reverse-KL fit has
+    a minimum instead of spreading :math:`q` along :math:`z_1` for ever.
+
+    Example:
+        >>> box_wall(torch.tensor([[0.0, 3.9], [4.1, 0.0]]), 4.0)
+        tensor([0.0000, 2.0000])
+    """
+    out = torch.relu(z.abs() - box) / width
+    return 0.5 * (out * out).sum(-1)
+
+
+def potential(name: str, box: float | None = None) -> Callable[[Tensor], Tensor]:
     """The unnormalised log-density :math:`\\log \\tilde p(z) = -U(z)` of a named target.
 
     Args:
         name: ``"U1"`` ... ``"U4"`` (case-insensitive); see :func:`potential_names`.
+        box: confine the target to :math:`[-b, b]^2` by :func:`box_wall` (``None``: the
+            paper's potential as it is; the command line uses :data:`BOX`).
 
     Returns:
         A function mapping ``z`` of shape ``(*batch, 2)`` to ``-U(z)`` of shape ``batch``,
@@ -126,9 +150,13 @@ def potential(name: str) -> Callable[[Tensor], Tensor]:
         )
     energy = _POTENTIALS[key]
 
+    if box is not None and not (isinstance(box, (int, float)) and math.isfinite(box) and box > 0):
+        raise PushforwardError(f"box must be a positive number or None, got {box!r}")
+
     def log_density(z: Tensor) -> Tensor:
         check_event(z, (2,), "z")
-        return -energy(z)
+        u = energy(z)
+        return -u if box is None else -(u + box_wall(z, float(box)))
 
     log_density.__name__ = f"log_density_{key}"
     log_density.__qualname__ = log_density.__name__
