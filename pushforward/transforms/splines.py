@@ -173,11 +173,12 @@ class _Spline(torch.autograd.Function):
         # knots for the forward map, on the output knots for the inverse)
         row = int(inverse)
         steps = torch.arange(1, bins, dtype=dtype, device=device).view(bins - 1, *ones)
-        knots = torch.addcmul(steps * mins[row], cum[1:, row], scale[row])
-        # below[j] = [j < index], as numbers (the backward needs them); the last row stays 0
+        # below[j] = [j < index], as numbers (the backward needs them); the last row stays 0;
+        # the knots are written where the comparisons then go
         below = torch.empty((bins, *batch), dtype=dtype, device=device)
         below[-1] = 0
-        torch.le(knots, xi, out=below[:-1])
+        knots = torch.addcmul(steps * mins[row], cum[1:, row], scale[row], out=below[:-1])
+        torch.le(knots, xi, out=knots)
         index8 = below.sum(0).to(torch.uint8)
         index = index8.long()
         select = index.expand(1, 2, *batch)
