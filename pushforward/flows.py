@@ -808,10 +808,7 @@ def glow(
     """Images in [0, 1] (dequantized pixels / levels). Each level squeezes, runs ``layers``
     steps, factors out half of the channels (all levels but the last) and unsqueezes, so the
     latent has the image's shape."""
-    lv, k = _check_positive("levels", levels), _check_positive("layers", layers)
-    t = _glow_level(features, context_features, lv, k, _conv_hidden(hidden))
-    t = _data_direction(*_preprocess(features, logit), t)
-    return Flow(_image_base(base, features), t, context_features)
+    return _image_flow(_glow_level, features, context_features, levels, layers, hidden, logit, base)
 
 
 def _realnvp_level(shape, context_features, levels, steps, hidden) -> Transform:
@@ -859,8 +856,15 @@ def realnvp_image(
     ``layers`` channel-wise couplings, factor out half; the last scale ``layers + 1``
     checkerboard couplings. ActNorm before every coupling stands in for the paper's batch
     normalisation (same role, no batch statistics at sampling time)."""
+    return _image_flow(
+        _realnvp_level, features, context_features, levels, layers, hidden, logit, base
+    )
+
+
+def _image_flow(level, features, context_features, levels, layers, hidden, logit, base) -> Flow:
+    """The logit preprocessing, then the multi-scale recursion ``level``, over a normal base."""
     lv, k = _check_positive("levels", levels), _check_positive("layers", layers)
-    t = _realnvp_level(features, context_features, lv, k, _conv_hidden(hidden))
+    t = level(features, context_features, lv, k, _conv_hidden(hidden))
     t = _data_direction(*_preprocess(features, logit), t)
     return Flow(_image_base(base, features), t, context_features)
 
