@@ -474,7 +474,7 @@ def _recipe_options(flow: str, given: dict[str, Any]) -> dict[str, Any]:
 
     recipe = flows.describe(flow)
     allowed = recipe.options
-    options = {k: v for k, v in given.items() if v is not None}
+    options = _given(**given)
     for key in options:
         if key not in allowed:
             flag = _OPTION_FLAGS.get(key, "--" + key.replace("_", "-"))
@@ -483,6 +483,24 @@ def _recipe_options(flow: str, given: dict[str, Any]) -> dict[str, Any]:
                 f"{', '.join(allowed) or 'none'}"
             )
     return options
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    """The options the user gave (those not ``None``)."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _split_valid(rows: Any, seed: int, source: str, what: str) -> tuple[Any, Any]:
+    """``(valid, fit)``: :data:`VALID_FRACTION` of ``rows`` (at least one), by a seeded
+    permutation, and the rest."""
+    import numpy as np
+    import torch
+
+    if len(rows) < 2:
+        raise PushforwardError(f"{source}: need at least 2 {what} to fit, got {len(rows)}")
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(rows)))
+    n_valid = max(1, round(VALID_FRACTION * len(rows)))
+    return rows[order[:n_valid]], rows[order[n_valid:]]
 
 
 def _check_out(out: Path, force: bool, resume: bool = False) -> None:
@@ -907,7 +925,6 @@ def _image_plots(
 
 def _fit_images(args: argparse.Namespace, array: Any) -> int:
     """``fit`` on images (see the module docstring)."""
-    import numpy as np
     import torch
 
     from . import io, train
@@ -935,22 +952,14 @@ def _fit_images(args: argparse.Namespace, array: Any) -> int:
         fit_images = images
         valid_images, _ = _images(load(args.data, "valid"), args.data, levels)
     else:
-        if len(images) < 2:
-            raise PushforwardError(f"{args.data}: need at least 2 images to fit, got {len(images)}")
-        order = torch.from_numpy(np.random.default_rng(args.seed).permutation(len(images)))
-        n_valid = max(1, round(VALID_FRACTION * len(images)))
-        valid_images, fit_images = images[order[:n_valid]], images[order[n_valid:]]
+        valid_images, fit_images = _split_valid(images, args.seed, args.data, "images")
 
-    training = {
-        k: v
-        for k, v in {
-            "epochs": args.epochs,
-            "max_time": args.max_time,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-        }.items()
-        if v is not None
-    }
+    training = _given(
+        epochs=args.epochs,
+        max_time=args.max_time,
+        batch_size=args.batch_size,
+        lr=args.lr,
+    )
     extras: dict[str, Any] = {
         "data": args.data,
         "levels": levels,
@@ -1106,8 +1115,6 @@ def _eval_images(args: argparse.Namespace, flow: Any, config: dict[str, Any]) ->
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
 
     from . import io, train
     from .data import is_builtin, load, splits
@@ -1137,24 +1144,16 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         fit_rows = data
         valid_rows = _matrix(load(args.data, "valid"), args.data)
     else:
-        if len(data) < 2:
-            raise PushforwardError(f"{args.data}: need at least 2 rows to fit, got {len(data)}")
-        order = torch.from_numpy(np.random.default_rng(args.seed).permutation(len(data)))
-        n_valid = max(1, round(VALID_FRACTION * len(data)))
-        valid_rows, fit_rows = data[order[:n_valid]], data[order[n_valid:]]
+        valid_rows, fit_rows = _split_valid(data, args.seed, args.data, "rows")
     features = int(data.shape[1])
     scaling = Standardization.from_data(fit_rows)
 
-    training = {
-        k: v
-        for k, v in {
-            "epochs": args.epochs,
-            "max_time": args.max_time,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-        }.items()
-        if v is not None
-    }
+    training = _given(
+        epochs=args.epochs,
+        max_time=args.max_time,
+        batch_size=args.batch_size,
+        lr=args.lr,
+    )
     extras: dict[str, Any] = {"data": args.data, "seed": args.seed, "training": training}
     if not builtin:
         extras["data_path"] = str(Path(args.data).expanduser().resolve())
@@ -1262,17 +1261,13 @@ def _cmd_vae(args: argparse.Namespace) -> int:
         hidden=args.hidden or (300,),
         context=args.context,
     )
-    training = {
-        k: v
-        for k, v in {
-            "epochs": args.epochs,
-            "max_time": args.max_time,
-            "warmup": args.warmup,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-        }.items()
-        if v is not None
-    }
+    training = _given(
+        epochs=args.epochs,
+        max_time=args.max_time,
+        warmup=args.warmup,
+        batch_size=args.batch_size,
+        lr=args.lr,
+    )
     start = time.perf_counter()
     history = vaes.fit_vae(model, x, seed=args.seed, progress=True, **training)
     seconds = time.perf_counter() - start
@@ -1514,16 +1509,12 @@ def _cmd_fit_target(args: argparse.Namespace) -> int:
     _seed_everything(args.seed)
     steps = args.steps if args.steps is not None else DEFAULT_TARGET_STEPS
     anneal = args.anneal if args.anneal is not None else steps // 5
-    training = {
-        k: v
-        for k, v in {
-            "steps": steps,
-            "anneal_steps": anneal,
-            "max_time": args.max_time,
-            "lr": args.lr if args.lr is not None else DEFAULT_TARGET_LR,
-        }.items()
-        if v is not None
-    }
+    training = _given(
+        steps=steps,
+        anneal_steps=anneal,
+        max_time=args.max_time,
+        lr=args.lr if args.lr is not None else DEFAULT_TARGET_LR,
+    )
     config = io.make_config(
         name, 2, 0, options, None, target=target, box=box, seed=args.seed, training=training
     )
@@ -1670,16 +1661,12 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     _check_out(out, args.force)
     source, test_rows = _distill_data(args, tconfig, features)
 
-    training = {
-        k: v
-        for k, v in {
-            "steps": args.steps,
-            "max_time": args.max_time,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-        }.items()
-        if v is not None
-    }
+    training = _given(
+        steps=args.steps,
+        max_time=args.max_time,
+        batch_size=args.batch_size,
+        lr=args.lr,
+    )
     extras: dict[str, Any] = {
         "teacher": str(teacher_dir.expanduser().resolve()),
         "teacher_flow": tconfig["flow"],

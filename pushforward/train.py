@@ -504,29 +504,34 @@ def fit(
                 every,
                 every_steps,
             )
-        history = _fit_loop(
-            flow,
-            params,
-            train,
-            valid,
-            train_context,
-            valid_context,
-            generator=generator,
-            epochs=epochs,
-            batch_size=min(batch_size, len(train)),
-            lr=lr,
-            weight_decay=weight_decay,
-            patience=patience,
-            clip=clip,
-            max_time=max_time,
-            start=start,
-            progress=progress,
-            cosine=lr_schedule == "cosine",
-            callback=callback,
-            preprocess=preprocess,
-            saver=saver,
-            resume=resume,
-        )
+        world, created = distributed.join(train.device)
+        try:
+            history = _fit_epochs(
+                flow,
+                params,
+                train,
+                valid,
+                train_context,
+                valid_context,
+                generator=generator,
+                epochs=epochs,
+                batch_size=min(batch_size, len(train)),
+                lr=lr,
+                weight_decay=weight_decay,
+                patience=patience,
+                clip=clip,
+                max_time=max_time,
+                start=start,
+                progress=progress,
+                cosine=lr_schedule == "cosine",
+                callback=callback,
+                preprocess=preprocess,
+                saver=saver,
+                resume=resume,
+                world=world,
+            )
+        finally:
+            distributed.leave(created)
     return history
 
 
@@ -540,61 +545,6 @@ def _preprocessed(preprocess: Callable[[Tensor], Tensor], x: Tensor, what: str) 
             f"{shape_str(x.shape)}, preprocess returned {got}"
         )
     return y
-
-
-def _fit_loop(
-    flow: nn.Module,
-    params: list[Tensor],
-    train: Tensor,
-    valid: Tensor,
-    train_context: Tensor | None,
-    valid_context: Tensor | None,
-    *,
-    generator: torch.Generator,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
-    patience: int,
-    clip: float | None,
-    max_time: float | None,
-    start: float,
-    progress: bool,
-    cosine: bool,
-    callback: Callable[[int, History], None] | None,
-    preprocess: Callable[[Tensor], Tensor] | None = None,
-    saver: _Checkpoint | None = None,
-    resume: bool = False,
-) -> History:
-    device = train.device
-    world, created = distributed.join(device)
-    try:
-        return _fit_epochs(
-            flow,
-            params,
-            train,
-            valid,
-            train_context,
-            valid_context,
-            generator=generator,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            weight_decay=weight_decay,
-            patience=patience,
-            clip=clip,
-            max_time=max_time,
-            start=start,
-            progress=progress,
-            cosine=cosine,
-            callback=callback,
-            preprocess=preprocess,
-            saver=saver,
-            resume=resume,
-            world=world,
-        )
-    finally:
-        distributed.leave(created)
 
 
 def _fit_epochs(
