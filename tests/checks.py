@@ -60,15 +60,20 @@ def _close(a: Tensor, b: Tensor, atol: float, what: str) -> None:
     assert err <= atol, f"{what}: max abs error {err:.3g} > {atol:.1g}"
 
 
+def perturb_parameters(module: torch.nn.Module, scale: float = 0.3) -> None:
+    """Add ``scale`` times standard normal noise to every parameter (off the identity start)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
 def prepare(case: Case, seed: int = 0, perturb: bool = True) -> Transform:
     """Build the transform in float64, move its parameters off their (often identity) start,
     run one training-mode pass (data-dependent init, running statistics), switch to eval."""
     torch.manual_seed(seed)
     t = case.make().double()
     if perturb and case.perturb:
-        with torch.no_grad():
-            for p in t.parameters():
-                p.add_(case.perturb * torch.randn_like(p))
+        perturb_parameters(t, case.perturb)
         z = draw(case, (64,))
         c = context(case, (64,))
         t.train()
@@ -272,9 +277,7 @@ def check_flow(
 
     torch.manual_seed(0)
     flow = flows.build(name, features, context_features, **options).double()
-    with torch.no_grad():
-        for p in flow.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    perturb_parameters(flow, 0.05)
 
     def fresh_context() -> Tensor | None:
         return torch.randn(7, context_features, dtype=torch.float64) if context_features else None

@@ -14,23 +14,12 @@ import pushforward.nn.made as made_module
 from pushforward.core import PushforwardError
 from pushforward.nn import MADE
 from pushforward.nn.made import _BlockTriangularLinear, hidden_degrees
+from tests.checks import perturb_parameters
 
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(F64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
-
-
-def _perturb(module: torch.nn.Module, scale: float = 0.3) -> None:
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn_like(p))
+pytestmark = pytest.mark.usefixtures("float64_seeded")
 
 
 def _jacobian(made: MADE, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
@@ -56,7 +45,7 @@ CONFIGS = [
 def test_outputs_depend_exactly_on_the_earlier_inputs(config, activation: str) -> None:
     d, hidden, heads, cf, order, residual, block = config
     made = MADE(d, hidden, heads, cf, order, residual, activation, seed=3, block_size=block)
-    _perturb(made)
+    perturb_parameters(made)
     deg = made.input_degrees
     allowed = deg[None, :] < deg[:, None]  # allowed[i, j]: output i may read input j
     for _ in range(3):
@@ -74,7 +63,7 @@ def test_outputs_depend_exactly_on_the_earlier_inputs(config, activation: str) -
 def test_context_enters_every_output_unmasked(residual: bool, d: int) -> None:
     """Including the first input's outputs (through the degree-0 hidden units)."""
     made = MADE(d, (16, 16), 2, 3, "random", residual, "tanh")
-    _perturb(made)
+    perturb_parameters(made)
     assert made.degrees[1].min() == 0
     x, c = torch.randn(d), torch.randn(3)
     jac = torch.autograd.functional.jacobian(lambda u: made(x[None], u[None])[0], c)
@@ -146,7 +135,7 @@ def test_block_triangular_evaluation_equals_the_dense_masked_product() -> None:
         blocked = MADE(9, (40, 40), heads=2, context_features=2, residual=residual, block_size=8)
         dense = MADE(9, (40, 40), heads=2, context_features=2, residual=residual, block_size=999)
         dense.load_state_dict(blocked.state_dict())
-        _perturb(blocked)
+        perturb_parameters(blocked)
         dense.load_state_dict(blocked.state_dict())
         assert blocked._blocks and not dense._blocks
         x = torch.randn(2, 3, 9, requires_grad=True)
@@ -191,7 +180,7 @@ def test_block_triangular_function_gradcheck_and_gradgradcheck() -> None:
 def test_autoregress_reproduces_the_parallel_pass(residual: bool, grad: bool) -> None:
     """params handed to step(i) are exactly the parallel pass's outputs at the final x."""
     made = MADE(6, (20, 20), heads=2, context_features=2, order="random", residual=residual)
-    _perturb(made)
+    perturb_parameters(made)
     c = torch.randn(5, 2)
     noise = torch.randn(5, 6)
     seen: dict[int, torch.Tensor] = {}

@@ -16,24 +16,13 @@ from pushforward.core import Inverse, PushforwardError
 from pushforward.transforms.autoregressive import MaskedAutoregressive, iaf_layer
 from pushforward.transforms.elementwise import PiecewiseLinearTransformer
 from pushforward.transforms.transformers import AdditiveTransformer, AffineTransformer
+from tests.checks import perturb_parameters
 
 F64 = torch.float64
 C = 3
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(F64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
-
-
-def _perturb(module: torch.nn.Module, scale: float = 0.3) -> None:
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn_like(p))
+pytestmark = pytest.mark.usefixtures("float64_seeded")
 
 
 TRANSFORMERS = {
@@ -62,7 +51,7 @@ FAST_CASES = [
 def _make(kind, d, cf, order, residual, hidden) -> MaskedAutoregressive:
     t = MaskedAutoregressive(d, TRANSFORMERS[kind](), cf, hidden, order, residual, seed=2)
     t.made.block_size = 8
-    _perturb(t)
+    perturb_parameters(t)
     return t
 
 
@@ -166,7 +155,7 @@ def test_iaf_is_the_inverse_of_a_maf_layer() -> None:
     assert isinstance(iaf, Inverse) and isinstance(iaf.inv, MaskedAutoregressive)
     assert Inverse(iaf) is iaf.inv
     iaf.inv.load_state_dict(maf.state_dict())
-    _perturb(maf)
+    perturb_parameters(maf)
     iaf.inv.load_state_dict(maf.state_dict())
     z, c = _inputs("affine", 4, C)
     x, ladj = iaf(z, c)  # sampling: the parallel pass
@@ -181,7 +170,7 @@ def test_float32_fast_path_matches_the_reference() -> None:
     torch.set_default_dtype(torch.float32)
     t = MaskedAutoregressive(12, AffineTransformer(), C, (64, 64), "random")
     t.made.block_size = 16
-    _perturb(t, 0.05)
+    perturb_parameters(t, 0.05)
     z, c = torch.randn(50, 12), torch.randn(50, C)
     with torch.no_grad():
         x, ladj = t(z, c)

@@ -24,7 +24,7 @@ from pushforward.transforms.coupling import (
 from pushforward.transforms.linear import ElementwiseAffine
 from pushforward.transforms.splines import RQSplineTransformer
 from pushforward.transforms.transformers import AdditiveTransformer, AffineTransformer
-from tests.checks import check_flow
+from tests.checks import check_flow, perturb_parameters
 
 F64 = torch.float64
 C = 3
@@ -35,19 +35,7 @@ TRANSFORMERS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(F64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
-
-
-def _perturb(module: nn.Module, scale: float = 0.3) -> None:
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn_like(p))
+pytestmark = pytest.mark.usefixtures("float64_seeded")
 
 
 # -- masks -------------------------------------------------------------------------------------
@@ -131,7 +119,7 @@ def test_jacobian_is_block_triangular(kind: str, mask_kind: str, flip: bool, cf:
     d = 6
     mask = split_mask(d, mask_kind, flip)
     layer = Coupling(mask, TRANSFORMERS[kind](), context_features=cf, hidden=(16, 16))
-    _perturb(layer)
+    perturb_parameters(layer)
     c = torch.randn(1, cf) if cf else None
     a, b = (~mask).nonzero().squeeze(-1), mask.nonzero().squeeze(-1)
     for direction in (layer, Inverse(layer)):
@@ -151,7 +139,7 @@ def test_jacobian_is_block_triangular(kind: str, mask_kind: str, flip: bool, cf:
 def test_identity_part_passes_through_exactly_in_both_directions(kind: str) -> None:
     mask = split_mask(5, "alternating")
     layer = Coupling(mask, TRANSFORMERS[kind](), context_features=C, hidden=(16, 16))
-    _perturb(layer)
+    perturb_parameters(layer)
     z, c = 3 * torch.randn(4, 7, 5), torch.randn(4, 7, C)
     x, ladj = layer(z, c)
     assert ladj.shape == (4, 7)
@@ -192,7 +180,7 @@ def test_one_feature_uses_learned_constants_or_the_context() -> None:
     # with a context the parameters are a network of the context alone
     layer = Coupling(split_mask(1), AffineTransformer(), context_features=2, hidden=(8,))
     assert layer.conditioner.net[0].in_features == 2
-    _perturb(layer)
+    perturb_parameters(layer)
     x1, _ = layer(z, torch.zeros(6, 2))
     x2, _ = layer(z, torch.ones(6, 2))
     assert (x1 - x2).abs().max() > 1e-6
@@ -258,7 +246,7 @@ def test_extreme_finite_inputs_give_no_nan_in_float32(kind: str, cf: int) -> Non
     layer = Coupling(
         split_mask(6, "alternating"), TRANSFORMERS[kind](), context_features=cf, hidden=(16, 16)
     )
-    _perturb(layer, 0.5)
+    perturb_parameters(layer, 0.5)
     magnitudes = torch.tensor([0.0, 1e-3, 1.0, 4.99, 5.01, 1e2, 1e3, 1e4])
     signs = torch.tensor([1.0, -1.0])
     values = (magnitudes.unsqueeze(-1) * signs).reshape(-1)
@@ -279,7 +267,7 @@ def test_extreme_finite_inputs_give_no_nan_in_float32(kind: str, cf: int) -> Non
 
 def test_leading_batch_shapes_and_batch_of_one() -> None:
     layer = Coupling(split_mask(4), RQSplineTransformer(bins=4), None, C, hidden=(16, 16))
-    _perturb(layer, 0.1)
+    perturb_parameters(layer, 0.1)
     z, c = torch.randn(2, 3, 4), torch.randn(2, 3, C)
     x, ladj = layer(z, c)
     xf, ladjf = layer(z.reshape(6, 4), c.reshape(6, C))
@@ -294,7 +282,7 @@ def test_leading_batch_shapes_and_batch_of_one() -> None:
 def test_state_dict_restores_the_mask_and_its_indices() -> None:
     a = Coupling(split_mask(4, "alternating"), AffineTransformer(), hidden=(8,))
     b = Coupling(split_mask(4, "alternating", flip=True), AffineTransformer(), hidden=(8,))
-    _perturb(a)
+    perturb_parameters(a)
     b.load_state_dict(a.state_dict())
     z = torch.randn(5, 4)
     assert torch.equal(b.mask, a.mask)
@@ -443,7 +431,7 @@ def test_coupling_flows_give_no_nan_for_extreme_finite_inputs(name: str) -> None
     """|x| up to 1e4 in float32, in both directions, with non-trivial weights."""
     torch.set_default_dtype(torch.float32)
     flow = flows.build(name, 3, 2, hidden=(16, 16), layers=3)
-    _perturb(flow, 0.1)
+    perturb_parameters(flow, 0.1)
     v = torch.tensor([-1e4, -1e3, -5.0, 0.0, 5.0, 1e3, 1e4])
     x = torch.cartesian_prod(v, v, v)
     c = torch.randn(len(x), 2) * 1e2
