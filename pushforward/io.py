@@ -36,13 +36,15 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from .core import Compose, PushforwardError
 from .distributions import Flow
+
+T = TypeVar("T", bound=torch.nn.Module)
 
 __all__ = [
     "FORMAT",
@@ -53,6 +55,7 @@ __all__ = [
     "make_config",
     "save_model",
     "load_model",
+    "load_weights",
     "model_from_config",
     "has_model",
     "read_json",
@@ -423,7 +426,15 @@ def load_model(directory: str | os.PathLike) -> tuple[Flow, dict[str, Any]]:
     config = _check_config(read_json(config_path), str(config_path))
     with torch.random.fork_rng(devices=[]):  # loading must not move the caller's RNG
         flow = model_from_config(config, str(config_path))
-    weights_path = d / MODEL_FILE
+    flow = load_weights(flow, d, config)
+    return flow, config
+
+
+def load_weights(module: T, directory: str | os.PathLike, config: dict[str, Any]) -> T:
+    """Fill ``module`` (built from ``config``) with ``directory/model.safetensors``, in eval
+    mode: the checksum in ``config`` verified, every name and shape compared, the weights'
+    dtype adopted, non-finite weights refused. Used by every kind of saved model."""
+    weights_path = Path(directory) / MODEL_FILE
     weights = _read_weights(weights_path)
     digest = config.get("weights_sha256")
     if isinstance(digest, str) and _sha256(weights_path) != digest:
@@ -431,17 +442,16 @@ def load_model(directory: str | os.PathLike) -> tuple[Flow, dict[str, Any]]:
             f"{weights_path} is corrupt or was replaced: its checksum does not match "
             f"weights_sha256 in {CONFIG_FILE}"
         )
-    expected = flow.state_dict()
-    _compare(expected, weights, f"{weights_path} does not match {CONFIG_FILE}")
+    _compare(module.state_dict(), weights, f"{weights_path} does not match {CONFIG_FILE}")
     floats = [v.dtype for v in weights.values() if v.is_floating_point()]
     if floats:
-        flow = flow.to(floats[0])
+        module = module.to(floats[0])
     for k, v in weights.items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise PushforwardError(f"{weights_path}: weight {k!r} holds NaN or infinite values")
     try:
-        flow.load_state_dict(weights, strict=True)
+        module.load_state_dict(weights, strict=True)
     except RuntimeError as e:
         raise PushforwardError(f"{weights_path}: {str(e).splitlines()[0]}") from None
-    flow.eval()
-    return flow, config
+    module.eval()
+    return module

@@ -1025,16 +1025,7 @@ def save_vae(
 def load_vae(directory: str | os.PathLike) -> tuple[VAE, dict[str, Any]]:
     """Load a VAE saved by :func:`save_vae`: rebuilt from ``config.json``, given the weights of
     ``model.safetensors`` (checksum verified, every name and shape checked), in eval mode."""
-    from .io import (
-        CONFIG_FILE,
-        FORMAT,
-        FORMAT_VERSION,
-        MODEL_FILE,
-        _compare,
-        _read_weights,
-        _sha256,
-        read_json,
-    )
+    from .io import CONFIG_FILE, FORMAT, FORMAT_VERSION, load_weights, read_json
 
     d = Path(directory)
     if not d.is_dir():
@@ -1070,24 +1061,7 @@ def load_vae(directory: str | os.PathLike) -> tuple[VAE, dict[str, Any]]:
         raise PushforwardError(f"{path}: {e}") from None
     except TypeError as e:
         raise PushforwardError(f"{path}: invalid VAE options: {e}") from None
-    weights_path = d / MODEL_FILE
-    weights = _read_weights(weights_path)
-    digest = config.get("weights_sha256")
-    if isinstance(digest, str) and _sha256(weights_path) != digest:
-        raise PushforwardError(
-            f"{weights_path} is corrupt or was replaced: its checksum does not match "
-            f"weights_sha256 in {CONFIG_FILE}"
-        )
-    _compare(model.state_dict(), weights, f"{weights_path} does not match {CONFIG_FILE}")
-    floats = [v.dtype for v in weights.values() if v.is_floating_point()]
-    if floats:
-        model = model.to(floats[0])
-    for k, v in weights.items():
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise PushforwardError(f"{weights_path}: weight {k!r} holds NaN or infinite values")
-    model.load_state_dict(weights, strict=True)
-    model.eval()
-    return model, config
+    return load_weights(model, d, config), config
 
 
 # ---------------------------------------------------------------------------------------------
