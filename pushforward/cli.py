@@ -28,16 +28,21 @@ for continuous data this is a *differential* quantity (it can be negative), not 
 levels (``--levels``; default: 17 for ``digits``, 256 for other ``uint8`` data, else the
 maximum + 1). ``fit`` then needs an image flow (default :data:`DEFAULT_IMAGE_FLOW`; ``--scales``
 sets its number of multi-scale levels), does not standardise, and models uniformly dequantized
-pixels :math:`y = (x + u) / L \in [0, 1)^D` (``--dequantize uniform``, the only mode): the
+pixels :math:`y = (x + u) / L \in [0, 1)^D` (``--dequantize uniform``, the default): the
 training minibatches get fresh noise every step (seeded by ``--seed``), the validation images
 (10% of the training images) are dequantized once with ``--seed``, and the test images (and
 ``eval``'s) once with :data:`EVAL_DEQUANTIZE_SEED`, so every model is measured on the same
-points. Reported figures are in the discrete space (see :mod:`pushforward.data.images`):
-``log_likelihood`` is the mean over images of :math:`\log p_Y(y) - D \log L` (nats per image,
-a lower bound on :math:`\log P(x)` in expectation) and ``bits_per_dim`` is
-``-log_likelihood / (D ln 2)``, as for vectors but now a code length; the training history in
-``metrics.json`` is in the same units. ``sample`` writes integer images ``floor(y L)`` clipped to
-``0 .. L - 1`` (``uint8`` when ``L <= 256``); ``--temperature T`` scales the base noise
+points. ``--dequantize variational`` learns the noise :math:`u \sim q(u \mid x)` with the flow
+(Flow++'s variational dequantization, :mod:`pushforward.data.dequantization`; the dequantizer
+has the options :data:`DEQUANTIZER_OPTIONS` and is saved with the model): every figure is then
+the bound :math:`\log p_Y(y) - \log q(u \mid x) - D \log L` with one draw of :math:`u` per
+image, from torch's generator seeded as above. Reported figures are in the discrete space
+(see :mod:`pushforward.data.images`): ``log_likelihood`` is the mean over images of
+:math:`\log p_Y(y) - D \log L` (nats per image, a lower bound on :math:`\log P(x)` in
+expectation) and ``bits_per_dim`` is ``-log_likelihood / (D ln 2)``, as for vectors but now a
+code length; the training history in ``metrics.json`` is in the same units. ``sample`` writes
+integer images ``floor(y L)`` clipped to ``0 .. L - 1`` (``uint8`` when ``L <= 256``);
+``--temperature T`` scales the base noise
 (:math:`z \sim \mathcal N(0, T^2 I)`) for any flow with a standard normal base. The plots of
 an image model are ``samples.png`` (temperatures 0.5, 0.8, 1), ``interpolation.png``
 (spherical latent interpolation between test images), ``reconstruction.png`` and, where the
@@ -86,7 +91,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .core import PushforwardError
 
@@ -100,8 +105,11 @@ DEFAULT_CHECKPOINT_SECONDS = 300.0
 CHECKPOINT_DIR = "checkpoint"
 #: the flow ``fit`` uses on images without ``--flow``
 DEFAULT_IMAGE_FLOW = "glow"
-#: the dequantization modes of ``--dequantize`` (variational dequantization is not offered)
-DEQUANTIZE_MODES = ("uniform",)
+#: the dequantization modes of ``--dequantize`` (the first is the default)
+DEQUANTIZE_MODES = ("uniform", "variational")
+#: the options of the dequantizer of ``--dequantize variational``
+#: (:class:`~pushforward.data.dequantization.VariationalDequantizer`)
+DEQUANTIZER_OPTIONS = {"layers": 4, "hidden": [32]}
 #: seed of the single dequantization of test images (``fit``'s test figures and ``eval``)
 EVAL_DEQUANTIZE_SEED = 0
 #: seed of a VAE's test binarization and importance samples (``vae``'s test figures, ``eval``)
@@ -219,9 +227,16 @@ def _seed(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (no usage block), pointing at ``--help``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"pushforward: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``pushforward`` command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pushforward",
         description="Normalizing flows: fit a density to data, evaluate, sample and plot it.",
     )
@@ -254,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dequantize",
         choices=DEQUANTIZE_MODES,
-        help="images: how pixels are dequantized (default: uniform)",
+        help="images: how pixels are dequantized: uniform noise (default) or noise learned "
+        "with the flow (variational, Flow++)",
     )
     p.add_argument(
         "--scales",
@@ -794,10 +810,22 @@ def _dequantized(images: Any, levels: int, seed: int):
 
 def _discrete_log_likelihood(flow: Any, images: Any, levels: int, seed: int, what: str) -> float:
     """Mean over images of :math:`\\log p_Y(y) - D \\log L`, ``y`` dequantized once with
-    ``seed``: nats per image in the discrete space."""
+    ``seed`` (a :class:`~pushforward.data.dequantization.DequantizedFlow`: the variational
+    bound, :math:`- \\log q(u \\mid x)` added, ``u`` drawn from torch's generator seeded with
+    ``seed``): nats per image in the discrete space."""
+    import torch
+
+    from .data.dequantization import DequantizationBound, DequantizedFlow
+
     dims = math.prod(images.shape[1:])
+    offset = dims * math.log(levels)
+    if isinstance(flow, DequantizedFlow):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            bound = DequantizationBound(flow)
+            return _mean_log_likelihood(bound, images.float(), what, IMAGE_EVAL_BATCH) - offset
     y = _dequantized(images, levels, seed)
-    return _mean_log_likelihood(flow, y, what, IMAGE_EVAL_BATCH) - dims * math.log(levels)
+    return _mean_log_likelihood(flow, y, what, IMAGE_EVAL_BATCH) - offset
 
 
 def _discrete_history(history: Any, offset: float) -> Any:
@@ -929,6 +957,7 @@ def _fit_images(args: argparse.Namespace, array: Any) -> int:
 
     from . import io, train
     from .data import is_builtin, load, splits
+    from .data.dequantization import DequantizationBound
     from .data.images import dequantize_uniform
     from .distributed import is_main
 
@@ -971,6 +1000,8 @@ def _fit_images(args: argparse.Namespace, array: Any) -> int:
         extras["data_path"] = str(Path(args.data).expanduser().resolve())
     if args.key is not None:
         extras["key"] = args.key
+    if dequantize == "variational":
+        extras["dequantizer"] = DEQUANTIZER_OPTIONS
     config = io.make_config(name, list(shape), 0, options, None, **extras)
     try:
         flow = io.model_from_config(config, f"flow {name!r} on {args.data} images {shape}")
@@ -978,14 +1009,18 @@ def _fit_images(args: argparse.Namespace, array: Any) -> int:
         hint = " (--scales sets a flow's levels)" if "levels" in str(e) else ""
         raise PushforwardError(f"{e}{hint}") from None
 
-    valid_y = _dequantized(valid_images, levels, args.seed)
+    if dequantize == "variational":  # fit trains the bound; it draws the noise itself
+        trained, valid_y, preprocess = DequantizationBound(flow), valid_images.float(), None
+    else:
+        trained, valid_y = flow, _dequantized(valid_images, levels, args.seed)
+        preprocess = lambda x: dequantize_uniform(x, levels, dtype=x.dtype)  # noqa: E731
     history = train.fit(
-        flow,
+        trained,
         fit_images.float(),
         valid_y,
         seed=args.seed,
         progress=True,
-        preprocess=lambda x: dequantize_uniform(x, levels, dtype=x.dtype),
+        preprocess=preprocess,
         **_checkpointing(args, out),
         **training,
     )
@@ -1012,8 +1047,9 @@ def _fit_images(args: argparse.Namespace, array: Any) -> int:
     if history.best_valid_log_likelihood is not None:  # the weights kept were chosen on it
         ll = history.best_valid_log_likelihood
     else:
-        ll = _mean_log_likelihood(flow, valid_y, "the validation images", IMAGE_EVAL_BATCH)
-        ll -= offset
+        ll = _discrete_log_likelihood(
+            flow, valid_images, levels, args.seed, "the validation images"
+        )
     metrics.update(valid_log_likelihood=ll, valid_bits_per_dim=_bits_per_dim(ll, dims))
     plot_images, plot_labels = valid_images, None
     if builtin and "test" in splits(args.data):

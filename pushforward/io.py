@@ -268,7 +268,10 @@ def model_from_config(config: dict[str, Any], where: str = "config") -> Flow:
 
     ``flows.build(flow, features, context_features, **options)``; when ``scaling`` is set the
     transform becomes ``Compose(transform, Standardization(loc, scale))`` so that the flow's
-    log-densities are in the units of the data as given.
+    log-densities are in the units of the data as given. An image model fitted with
+    variational dequantization has ``"dequantize": "variational"`` and its dequantizer's
+    options under ``"dequantizer"``; it is rebuilt as a
+    :class:`~pushforward.data.dequantization.DequantizedFlow` (the flow with its dequantizer).
     """
     from . import flows
     from .transforms.linear import Standardization
@@ -290,7 +293,29 @@ def model_from_config(config: dict[str, Any], where: str = "config") -> Flow:
         except PushforwardError as e:
             raise PushforwardError(f"{where}: {e}") from None
         flow = Flow(flow.base, Compose(flow.transform, standardization), flow.context_features)
+    if config.get("dequantize") == "variational":
+        flow = _with_dequantizer(flow, config, where)
     return flow
+
+
+def _with_dequantizer(flow: Flow, config: dict[str, Any], where: str) -> Flow:
+    from .data.dequantization import DequantizedFlow, VariationalDequantizer
+
+    options = config.get("dequantizer")
+    levels = config.get("levels")
+    if not isinstance(options, dict):
+        raise PushforwardError(
+            f"{where}: a variationally dequantized model needs the dequantizer's options under "
+            f"'dequantizer' (an object), got {options!r}"
+        )
+    options = {k: _from_json_option(v) for k, v in options.items()}
+    try:
+        q = VariationalDequantizer(flow.event_shape, levels, **options)
+    except PushforwardError as e:
+        raise PushforwardError(f"{where}: dequantizer: {e}") from None
+    except TypeError as e:
+        raise PushforwardError(f"{where}: dequantizer: {e}") from None
+    return DequantizedFlow(flow, q)
 
 
 # ---------------------------------------------------------------------------------------------

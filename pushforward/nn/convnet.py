@@ -6,7 +6,9 @@ r"""A small convolutional ResNet: the conditioner of image coupling layers (Real
     (\sigma(h_k)))), \quad
     \theta = \operatorname{conv}_{3\times3}(\sigma(h_K))
 
-with the context :math:`c` broadcast as constant extra input channels. The last convolution
+with the context :math:`c` broadcast as constant extra input channels, or, given
+``context_shape=(C_c, H, W)``, read as a flattened map of the image's size whose ``C_c``
+channels join the input's (the image a variational dequantizer conditions on). The last convolution
 starts at zero weights and bias ``init`` per head, so a coupling layer driven by a fresh
 network is the identity (Glow's zero initialisation, Kingma & Dhariwal 2018, section 3.3).
 
@@ -20,6 +22,8 @@ References:
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +60,9 @@ class ConvResNet(nn.Module):
         blocks: number of residual blocks.
         context_features: size of the conditioning vector (0: unconditional).
         init: the bias of the output per head, e.g. ``transformer.identity_params()``.
+        context_shape: ``(C_c, H, W)``: the context (of ``C_c H W`` features) is a flattened
+            map of the input's height and width, concatenated as ``C_c`` input channels,
+            instead of a vector broadcast over the pixels.
 
     Example:
         >>> net = ConvResNet(2, heads=2, hidden=8, blocks=1)
@@ -72,6 +79,7 @@ class ConvResNet(nn.Module):
         blocks: int = 2,
         context_features: int = 0,
         init: Tensor | None = None,
+        context_shape: tuple[int, int, int] | None = None,
     ):
         super().__init__()
         self.in_channels = check_positive_int(in_channels, "in_channels")
@@ -80,8 +88,20 @@ class ConvResNet(nn.Module):
         if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0:
             raise PushforwardError(f"blocks must be a non-negative integer, got {blocks!r}")
         self.context_features = int(context_features)
+        self.context_shape = None
+        context_channels = self.context_features
+        if context_shape is not None:
+            self.context_shape = tuple(
+                check_positive_int(s, "context_shape entry") for s in context_shape
+            )
+            if len(self.context_shape) != 3 or math.prod(self.context_shape) != context_features:
+                raise PushforwardError(
+                    f"context_shape must be (channels, height, width) with "
+                    f"{context_features} (context_features) entries, got {context_shape!r}"
+                )
+            context_channels = self.context_shape[0]
         width = check_positive_int(hidden, "hidden")
-        self.input = nn.Conv2d(self.in_channels + self.context_features, width, 3, padding=1)
+        self.input = nn.Conv2d(self.in_channels + context_channels, width, 3, padding=1)
         self.blocks = nn.ModuleList(_Block(width) for _ in range(blocks))
         self.output = nn.Conv2d(width, self.out_channels * self.heads, 3, padding=1)
         with torch.no_grad():
@@ -103,7 +123,14 @@ class ConvResNet(nn.Module):
         batch, (h, w) = v.shape[:-3], v.shape[-2:]
         c = check_context(context, self.context_features, batch)
         x = v.reshape(-1, self.in_channels, h, w)
-        if c is not None:
+        if c is not None and self.context_shape is not None:
+            if tuple(self.context_shape[1:]) != (h, w):
+                raise PushforwardError(
+                    f"ConvResNet: the context is a map of {shape_str(self.context_shape)}, the "
+                    f"input's pixels are {h}x{w}"
+                )
+            x = torch.cat([x, c.reshape(-1, *self.context_shape).to(x.dtype)], 1)
+        elif c is not None:
             maps = c.reshape(-1, self.context_features, 1, 1).expand(-1, -1, h, w)
             x = torch.cat([x, maps.to(x.dtype)], 1)
         y = self.input(x)
