@@ -45,11 +45,9 @@ Differences that remain:
   (``log s = -0.126`` per transformed entry) where pushforward's is the identity; the
   checkerboard adapter keeps nflows' formula. (Starting nflows at scale 1 would need
   ``h = 4.9``, deep in the saturated part of the sigmoid.)
-* nflows' channel couplings feed the conditioner the identity half of the channels only and
-  ask it for the transformed half's parameters (``C/2`` channels in, ``C`` out); pushforward
-  feeds all ``C`` channels with the transformed half zeroed and reads ``2C`` outputs of which
-  it uses half. Same function class, fewer weights in the first and last convs of nflows.
-  The checkerboard couplings (adapter) have pushforward's shapes exactly.
+* channel couplings: both libraries' conditioners read the identity half of the channels only
+  and predict the transformed half's parameters (``C/2`` channels in, ``C`` out), as Glow
+  does; the checkerboard couplings (adapter) read the masked image, as pushforward's.
 * the 1x1 convolution: nflows' ``LULinear`` has a bias (``C^2 + C`` parameters per layer);
   ActNorm has ``2C`` in both.
 
@@ -59,14 +57,11 @@ Parameter counts at 1x28x28 for the defaults of :data:`MODELS` (measured with
 ==============  ===========  =======
 model           pushforward  nflows
 ==============  ===========  =======
-glow                674,864  633,344
-realnvp-image       545,152  538,232
+glow                633,344  633,344
+realnvp-image       538,232  538,232
 ==============  ===========  =======
 
-The whole difference is the channel couplings' first and last convs (``C/2`` inputs and ``C``
-outputs in nflows against ``C`` and ``2C``): 3,460 per coupling at ``C = 4``, 6,920 at ``C = 8``
-(glow: 4 + 4 couplings, 41,520; realnvp-image: 2 at ``C = 4``, 6,920). Checkerboard couplings,
-ActNorm (``2C``) and the 1x1 convolutions (``C^2 + C`` in both) have equal counts.
+Every layer has the same parameter count in both libraries.
 
 At initialisation, with ActNorm initialised on the same ``torch.rand(8, 1, 28, 28)``, the mean
 ``log_prob`` per image is -29.3 (pushforward) / -39.0 (nflows) for glow and -30.9 / -39.3 for

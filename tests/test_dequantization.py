@@ -126,6 +126,14 @@ def test_conv_resnet_reads_a_spatial_context_pixel_by_pixel() -> None:
     c2[:, 0] += 1.0  # pixel (0, 0): reaches its 5x5 neighbourhood only (two 3x3 convs)
     changed = (net(v, c2) - out).abs().sum((0, -1))[0]
     assert bool(changed[0, 0] > 0)
+    with pytest.raises(PushforwardError, match="channels must be distinct"):
+        ConvResNet(2, 2, channels=[0, 2])
+    reader = ConvResNet(2, 2, out_channels=1, hidden=4, blocks=0, channels=[1])
+    torch.nn.init.normal_(reader.output.weight)
+    v = torch.randn(3, 2, 2, 4)
+    w = v.clone()
+    w[:, 0] += 1.0  # a channel it does not read
+    assert reader(v).shape == (3, 1, 2, 4, 2) and torch.equal(reader(v), reader(w))
     with pytest.raises(PushforwardError, match="context_shape"):
         ConvResNet(1, 2, context_features=8, context_shape=(1, 3, 4))
     with pytest.raises(PushforwardError, match="pixels are 4x4"):

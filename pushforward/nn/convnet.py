@@ -24,6 +24,7 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,9 @@ class ConvResNet(nn.Module):
         context_shape: ``(C_c, H, W)``: the context (of ``C_c H W`` features) is a flattened
             map of the input's height and width, concatenated as ``C_c`` input channels,
             instead of a vector broadcast over the pixels.
+        channels: the input channels the network reads (default: all). A channel coupling
+            reads only its identity channels and sets ``out_channels`` to the number of
+            channels it transforms, as Glow's and Real NVP's networks do.
 
     Example:
         >>> net = ConvResNet(2, heads=2, hidden=8, blocks=1)
@@ -80,9 +84,18 @@ class ConvResNet(nn.Module):
         context_features: int = 0,
         init: Tensor | None = None,
         context_shape: tuple[int, int, int] | None = None,
+        channels: Sequence[int] | None = None,
     ):
         super().__init__()
         self.in_channels = check_positive_int(in_channels, "in_channels")
+        read = list(range(self.in_channels)) if channels is None else [int(c) for c in channels]
+        if not read or len(set(read)) != len(read) or not all(0 <= c < in_channels for c in read):
+            raise PushforwardError(
+                f"channels must be distinct channel indices in 0 .. {in_channels - 1}, "
+                f"got {channels!r}"
+            )
+        self.register_buffer("channels", torch.tensor(read), persistent=False)
+        self._reads_all = read == list(range(self.in_channels))
         self.heads = check_positive_int(heads, "heads")
         self.out_channels = check_positive_int(out_channels or in_channels, "out_channels")
         if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0:
@@ -101,7 +114,7 @@ class ConvResNet(nn.Module):
                 )
             context_channels = self.context_shape[0]
         width = check_positive_int(hidden, "hidden")
-        self.input = nn.Conv2d(self.in_channels + context_channels, width, 3, padding=1)
+        self.input = nn.Conv2d(len(read) + context_channels, width, 3, padding=1)
         self.blocks = nn.ModuleList(_Block(width) for _ in range(blocks))
         self.output = nn.Conv2d(width, self.out_channels * self.heads, 3, padding=1)
         with torch.no_grad():
@@ -123,6 +136,8 @@ class ConvResNet(nn.Module):
         batch, (h, w) = v.shape[:-3], v.shape[-2:]
         c = check_context(context, self.context_features, batch)
         x = v.reshape(-1, self.in_channels, h, w)
+        if not self._reads_all:
+            x = x.index_select(1, self.channels)
         if c is not None and self.context_shape is not None:
             if tuple(self.context_shape[1:]) != (h, w):
                 raise PushforwardError(

@@ -233,7 +233,9 @@ class Coupling(Transform):
     * it returns the parameters either for every entry, ``(*batch, *event, P)`` (only the
       transformed entries' are used, as when a convolutional network outputs a full-resolution
       map), or for the transformed entries only, ``(*batch, n_B, P)`` in the row-major order of
-      ``mask.nonzero()``; :math:`P` is ``transformer.params_per_feature``.
+      ``mask.nonzero()`` (or any ``(*batch, ..., P)`` holding :math:`n_B` entries in that
+      order, e.g. ``(*batch, C_B, H, W, P)`` for a channel mask); :math:`P` is
+      ``transformer.params_per_feature``.
 
     It must not read the transformed entries through any other route (that would break
     invertibility), and it should start at the identity itself (zero output weights with bias
@@ -350,10 +352,14 @@ class Coupling(Transform):
                 return out.flatten(k, k + self.event_dim - 1).index_select(
                     k, self.transformed_index
                 )
+            middle = out.shape[k:-1]
+            if tuple(out.shape[:k]) == batch and out.shape[-1] == p and middle.numel() == n:
+                return out.reshape(*batch, n, p)  # transformed entries only, in mask order
         got = shape_str(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise PushforwardError(
             f"conditioner output: expected shape {shape_str((*batch, *self.event_shape, p))} "
-            f"(every entry) or {shape_str((*batch, n, p))} (transformed entries), got {got}"
+            f"(every entry) or {shape_str((*batch, n, p))} (transformed entries, any shape "
+            f"of {n} entries before the last), got {got}"
         )
 
     def _couple(self, v: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:

@@ -68,13 +68,17 @@ def _image_coupling(kind: str, transformer: str, context: int = 0):
         "spline": lambda: RQSplineTransformer(bins=3),
     }[transformer]()
     mask = checkerboard_mask(2, 2, 2) if kind == "checkerboard" else channel_mask(2, 2, 2)
+    # "channel-read": the network reads the identity channel 0 and predicts channel 1 only
+    read = kind == "channel-read"
     net = ConvResNet(
         2,
         tr.params_per_feature,
+        out_channels=1 if read else None,
         hidden=4,
         blocks=1,
         context_features=context,
         init=tr.identity_params(),
+        channels=[0] if read else None,
     )
     return Coupling(mask, tr, conditioner=net, context_features=context)
 
@@ -93,5 +97,7 @@ CASES += [
         ("checkerboard", "additive", 0),
         ("channel", "spline", 2),
         ("checkerboard", "affine", 2),
+        ("channel-read", "affine", 0),
+        ("channel-read", "spline", 2),
     ]
 ]
