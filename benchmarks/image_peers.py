@@ -99,6 +99,7 @@ __all__ = [
     "Unavailable",
     "build",
     "step_time",
+    "interleaved_step_times",
     "check_density",
     "ConvNet",
     "LogitTransform",
@@ -393,7 +394,24 @@ def check_density(
     return worst
 
 
-def _main() -> None:
+def interleaved_step_times(builts: list[Built], batch: Tensor, repeats: int) -> list[list[float]]:
+    """Seconds of ``repeats`` training steps of each model, the models taking turns step by
+    step (after one warm-up step each), so that drifts in the machine's speed hit all alike."""
+    opts = [torch.optim.Adam(b.module.parameters(), lr=1e-4) for b in builts]
+    times: list[list[float]] = [[] for _ in builts]
+    for r in range(repeats + 1):
+        for i, (built, opt) in enumerate(zip(builts, opts)):
+            built.module.train()
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            (-built.log_prob(batch).mean()).backward()
+            opt.step()
+            if r:
+                times[i].append(time.perf_counter() - t0)
+    return times
+
+
+def _main(repeats: int) -> None:
     shape = (1, 28, 28)
     torch.manual_seed(0)
     y8 = torch.rand(8, *shape)
@@ -406,6 +424,7 @@ def _main() -> None:
                 raise SystemExit(f"density check failed for {lib} {model}")
     sys.stdout.flush()
     for model in MODELS:
+        builts = []
         for lib in LIBS:
             torch.manual_seed(1)
             built = build(lib, model, shape)
@@ -416,14 +435,27 @@ def _main() -> None:
             x = built.sample(4)
             if tuple(x.shape) != (4, *shape):
                 raise SystemExit(f"{lib} {model}: sample shape {tuple(x.shape)}")
-            times = step_time(built, batch, 3)
             print(
                 f"{lib:11s} {model:13s} params {built.parameters:8d}  "
-                f"init log_prob mean {lp.mean().item():10.2f}  "
-                f"median step {statistics.median(times) * 1e3:8.1f} ms (batch 64)",
+                f"init log_prob mean {lp.mean().item():10.2f}",
+                flush=True,
+            )
+            builts.append(built)
+        for built, times in zip(builts, interleaved_step_times(builts, batch, repeats)):
+            print(
+                f"{built.lib:11s} {model:13s} step (batch 64, interleaved, {repeats} each): "
+                f"median {statistics.median(times) * 1e3:7.1f} ms, "
+                f"min {min(times) * 1e3:7.1f} ms",
                 flush=True,
             )
 
 
 if __name__ == "__main__":
-    _main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description="density checks and step times, both libraries")
+    parser.add_argument("--repeats", type=int, default=15, help="timed steps per model")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    _main(args.repeats)
