@@ -125,8 +125,8 @@ def _pushforward(model: str, spec: Spec, d: int) -> Built:
         name = "maf"
         options = {"layers": spec.layers, "hidden": spec.hidden, "permutation": "reverse"}
     else:
-        name = "nsf"
-        options = {"layers": spec.layers, "hidden": spec.hidden, "bins": spec.bins}
+        name = "nsf"  # without the recipe's extra affine layer: the peers' architecture
+        options = {"layers": spec.layers, "hidden": spec.hidden, "bins": spec.bins, "affine": False}
     if name not in flows.names():
         raise Unavailable(f"pushforward has no {name!r} recipe registered")
     flow = flows.build(name, d, **options)
