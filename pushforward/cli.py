@@ -110,7 +110,7 @@ DEFAULT_IMAGE_FLOW = "glow"
 DEQUANTIZE_MODES = ("uniform", "variational")
 #: the options of the dequantizer of ``--dequantize variational``
 #: (:class:`~pushforward.data.dequantization.VariationalDequantizer`)
-DEQUANTIZER_OPTIONS = {"layers": 4, "hidden": [32]}
+DEQUANTIZER_OPTIONS = {"layers": 4, "hidden": [16]}
 #: seed of the single dequantization of test images (``fit``'s test figures and ``eval``)
 EVAL_DEQUANTIZE_SEED = 0
 #: seed of a VAE's test binarization and importance samples (``vae``'s test figures, ``eval``)

@@ -73,7 +73,7 @@ class VariationalDequantizer(nn.Module):
         shape: Sequence[int],
         levels: int,
         layers: int = 4,
-        hidden: Sequence[int] = (32,),
+        hidden: Sequence[int] = (16,),
     ):
         super().__init__()
         from ..nn.convnet import ConvResNet
