@@ -338,25 +338,7 @@ def _nflows(model: str, shape: tuple[int, int, int], opts: dict) -> Built:
 def step_time(built: Built, batch: Tensor, repeats: int) -> list[float]:
     """Seconds of each of ``repeats`` Adam steps on the NLL of ``batch`` (after one warm-up
     step, which also initialises ActNorm)."""
-    opt = torch.optim.Adam(built.module.parameters(), lr=1e-4)
-    sync = torch.cuda.synchronize if batch.is_cuda else (lambda: None)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss = -built.log_prob(batch).mean()
-        loss.backward()
-        opt.step()
-
-    built.module.train()
-    step()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return times
+    return interleaved_step_times([built], batch, repeats)[0]
 
 
 def check_density(
@@ -398,6 +380,7 @@ def interleaved_step_times(builts: list[Built], batch: Tensor, repeats: int) -> 
     """Seconds of ``repeats`` training steps of each model, the models taking turns step by
     step (after one warm-up step each), so that drifts in the machine's speed hit all alike."""
     opts = [torch.optim.Adam(b.module.parameters(), lr=1e-4) for b in builts]
+    sync = torch.cuda.synchronize if batch.is_cuda else (lambda: None)
     times: list[list[float]] = [[] for _ in builts]
     for r in range(repeats + 1):
         for i, (built, opt) in enumerate(zip(builts, opts)):
@@ -406,6 +389,7 @@ def interleaved_step_times(builts: list[Built], batch: Tensor, repeats: int) -> 
             opt.zero_grad(set_to_none=True)
             (-built.log_prob(batch).mean()).backward()
             opt.step()
+            sync()
             if r:
                 times[i].append(time.perf_counter() - t0)
     return times

@@ -52,6 +52,7 @@ from image_peers import LIBS, MODELS, Built
 
 from pushforward.core import PushforwardError
 from pushforward.data.images import bits_per_dim, dequantize_uniform, load_mnist
+from pushforward.train import load_optimizer_tensors, optimizer_tensors
 
 SHAPE = (1, 28, 28)
 LEVELS = 256
@@ -126,10 +127,9 @@ def _save(path: Path, built: Built, opt: torch.optim.Optimizer, run: Run, rng: A
     tensors = {
         f"model.{k}": v.detach().clone().contiguous() for k, v in built.module.state_dict().items()
     }
-    for index, values in opt.state_dict()["state"].items():
-        for key, value in values.items():
-            tensors[f"optim.{index}.{key}"] = value.detach().clone().contiguous()
-    meta = {"run": asdict(run), "rng": rng, "param_groups": opt.state_dict()["param_groups"]}
+    optim, groups = optimizer_tensors(opt)
+    tensors.update(optim)
+    meta = {"run": asdict(run), "rng": rng, "param_groups": groups}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"benchmark": json.dumps(meta)})
@@ -143,15 +143,7 @@ def _load(path: Path, built: Built, opt: torch.optim.Optimizer) -> tuple[Run, An
         meta = json.loads(f.metadata()["benchmark"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     built.module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    groups = meta["param_groups"]
-    for g in groups:
-        g["betas"] = tuple(g["betas"])
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    load_optimizer_tensors(opt, tensors, meta["param_groups"])
     return Run(**meta["run"]), meta["rng"]
 
 

@@ -208,16 +208,6 @@ def _levels(text: str) -> int:
     return value
 
 
-def _temperature(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -355,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite FILE.npy")
     p.add_argument(
         "--temperature",
-        type=_temperature,
+        type=_non_negative_float,
         default=1.0,
         metavar="T",
         help="scale of the base noise, z ~ N(0, T^2 I) (default 1)",

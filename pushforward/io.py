@@ -322,6 +322,19 @@ def _with_dequantizer(flow: Flow, config: dict[str, Any], where: str) -> Flow:
 # models
 
 
+def check_save_directory(directory: str | os.PathLike, force: bool) -> Path:
+    """``directory`` as a Path, after refusing a file in its place and (unless ``force``) a
+    model already saved there: nothing a user saved is overwritten silently."""
+    d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise PushforwardError(f"{d} exists and is not a directory")
+    if has_model(d) and not force:
+        raise PushforwardError(
+            f"{d} already holds a model; pass force=True (--force) to overwrite it"
+        )
+    return d
+
+
 def has_model(directory: str | os.PathLike) -> bool:
     """Whether ``directory`` already holds (part of) a saved model."""
     d = Path(directory)
@@ -373,13 +386,7 @@ def save_model(
     Returns:
         The directory.
     """
-    d = Path(directory)
-    if d.exists() and not d.is_dir():
-        raise PushforwardError(f"{d} exists and is not a directory")
-    if has_model(d) and not force:
-        raise PushforwardError(
-            f"{d} already holds a model; pass force=True (--force) to overwrite it"
-        )
+    d = check_save_directory(directory, force)
     config = _check_config(_jsonable(config), f"config for {d}")
     state = _state(flow)
     with torch.random.fork_rng(devices=[]):  # rebuilding must not move the caller's RNG

@@ -52,6 +52,8 @@ __all__ = [
     "CHECK_EVERY",
     "CHECKPOINT_FILE",
     "CHECKPOINT_JSON",
+    "optimizer_tensors",
+    "load_optimizer_tensors",
 ]
 
 #: why a run ended: ``fit`` gives one of the first four, ``fit_target`` and ``distill``
@@ -843,18 +845,14 @@ class _Checkpoint:
 
         tensors = {f"model.{k}": v for k, v in _snapshot(flow).items()}
         tensors.update({f"best.{k}": v.detach().clone() for k, v in best.items()})
-        opt = optimizer.state_dict()
-        for index, values in opt["state"].items():
-            for key, value in values.items():
-                if not isinstance(value, Tensor):
-                    raise PushforwardError(f"cannot checkpoint optimizer state {key!r}")
-                tensors[f"optim.{index}.{key}"] = value.detach().clone().contiguous()
+        optim, groups = optimizer_tensors(optimizer)
+        tensors.update(optim)
         meta = {
             "format": "pushforward-checkpoint",
             "version": CHECKPOINT_VERSION,
             **self.fingerprint,
             **meta,
-            "param_groups": opt["param_groups"],
+            "param_groups": groups,
             "scheduler": None if scheduler is None else scheduler.state_dict(),
         }
         text = json.dumps(meta)
@@ -913,20 +911,40 @@ class _Checkpoint:
         best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
         flow.load_state_dict(model)
         _, device = _like(flow)
-        state: dict[int, dict[str, Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = value
-        groups = meta["param_groups"]
-        for group in groups:
-            if "betas" in group:
-                group["betas"] = tuple(group["betas"])
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        load_optimizer_tensors(optimizer, tensors, meta["param_groups"])
         if scheduler is not None and meta.get("scheduler") is not None:
             scheduler.load_state_dict(meta["scheduler"])
         meta["best"] = {k: v.to(device) for k, v in best.items()}
         return meta
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list]:
+    """An optimizer's state as safetensors-ready tensors ``optim.{param}.{key}`` (copies) and
+    its JSON-ready ``param_groups``; :func:`load_optimizer_tensors` restores it."""
+    opt = optimizer.state_dict()
+    tensors = {}
+    for index, values in opt["state"].items():
+        for key, value in values.items():
+            if not isinstance(value, Tensor):
+                raise PushforwardError(f"cannot checkpoint optimizer state {key!r}")
+            tensors[f"optim.{index}.{key}"] = value.detach().clone().contiguous()
+    return tensors, opt["param_groups"]
+
+
+def load_optimizer_tensors(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], groups: list
+) -> None:
+    """Load the state written by :func:`optimizer_tensors` (other keys of ``tensors`` are
+    ignored; ``groups`` as read back from JSON)."""
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def _warn_non_finite(where: str, history: History) -> None:

@@ -985,20 +985,14 @@ def save_vae(
         MODEL_FILE,
         _library_version,
         _state,
-        has_model,
+        check_save_directory,
         write_atomic,
         write_json,
     )
 
     if not isinstance(model, VAE):
         raise PushforwardError(f"save_vae needs a VAE, got {type(model).__name__}")
-    d = Path(directory)
-    if d.exists() and not d.is_dir():
-        raise PushforwardError(f"{d} exists and is not a directory")
-    if has_model(d) and not force:
-        raise PushforwardError(
-            f"{d} already holds a model; pass force=True (--force) to overwrite it"
-        )
+    d = check_save_directory(directory, force)
     config: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

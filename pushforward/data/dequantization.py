@@ -152,11 +152,16 @@ class DequantizedFlow(Flow):
     def levels(self) -> int:
         return self.dequantizer.levels
 
+    def bound(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        r""":math:`\log p_Y(y) - \log q(u \mid x)` of integer images ``x``, one draw of
+        :math:`u` per image (the units of :math:`y`)."""
+        y, log_q = self.dequantizer(x)
+        return self.log_prob(y, context) - log_q
+
     def discrete_log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         r"""One-draw estimate of the lower bound on :math:`\log P(x)` (nats per image) of
         integer images ``x``: :math:`\log p_Y(y) - \log q(u \mid x) - D \log L`."""
-        y, log_q = self.dequantizer(x)
-        return self.log_prob(y, context) - log_q - self.features * math.log(self.levels)
+        return self.bound(x, context) - self.features * math.log(self.levels)
 
 
 class DequantizationBound(nn.Module):
@@ -193,8 +198,7 @@ class DequantizationBound(nn.Module):
         return self.model.context_features
 
     def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        y, log_q = self.model.dequantizer(x)
-        return self.model.log_prob(y, context) - log_q
+        return self.model.bound(x, context)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         return self.log_prob(x, context)
