@@ -2,10 +2,13 @@
 
 Every model of every library is trained by the one loop of :func:`train`: uniformly
 dequantized pixels :math:`y = (x + u) / 256` drawn afresh for every minibatch, Adam
-(``--lr``, linearly warmed up over the first ``--warmup`` steps, then constant), batch
-``--batch-size``, gradient-norm clipping at ``--clip``, the same shuffles, and a budget of
-``--budget`` seconds of *training* time (evaluations and checkpoints are not counted). There
-is no early stopping: the weights at the end of the budget are the ones reported.
+(``--lr``, linearly warmed up over the first ``--warmup`` steps, then constant, or with
+``--schedule cosine`` decaying to 0 at the end of the budget), batch ``--batch-size``,
+gradient-norm clipping at ``--clip``, the same shuffles, and a budget of ``--budget`` seconds
+of *training* time (evaluations and checkpoints are not counted). A minibatch whose loss is a
+spike (:class:`pushforward.train.SpikeGuard`: far above the running mean) is drawn and timed
+but not stepped on; the table counts them. There is no early stopping: the weights at the end
+of the budget are the ones reported.
 
 At each milestone of ``--milestones`` (seconds of training; the budget is the last one) the
 script measures test bits/dim on the first ``--test-rows`` MNIST test images (all 10,000 by
@@ -52,7 +55,7 @@ from image_peers import LIBS, MODELS, Built
 
 from pushforward.core import PushforwardError
 from pushforward.data.images import bits_per_dim, dequantize_uniform, load_mnist
-from pushforward.train import load_optimizer_tensors, optimizer_tensors
+from pushforward.train import SpikeGuard, load_optimizer_tensors, optimizer_tensors
 
 SHAPE = (1, 28, 28)
 LEVELS = 256
@@ -98,7 +101,9 @@ class Run:
     lib: str
     model: str
     parameters: int
-    steps: int = 0
+    steps: int = 0  # optimiser steps taken
+    batches: int = 0  # minibatches drawn (steps + skipped spikes)
+    skipped: int = 0
     epochs: float = 0.0
     seconds: float = 0.0  # training time
     stopped: str = ""
@@ -115,13 +120,16 @@ class Recipe:
     batch_size: int = 64
     clip: float = 50.0
     seed: int = 0
+    schedule: str = "constant"
 
 
 def _checkpoint_path(folder: Path, run: Run) -> Path:
     return folder / f"{run.lib}-{run.model}.safetensors"
 
 
-def _save(path: Path, built: Built, opt: torch.optim.Optimizer, run: Run, rng: Any) -> None:
+def _save(
+    path: Path, built: Built, opt: torch.optim.Optimizer, run: Run, rng: Any, guard: SpikeGuard
+) -> None:
     from safetensors.torch import save_file
 
     tensors = {
@@ -129,14 +137,16 @@ def _save(path: Path, built: Built, opt: torch.optim.Optimizer, run: Run, rng: A
     }
     optim, groups = optimizer_tensors(opt)
     tensors.update(optim)
-    meta = {"run": asdict(run), "rng": rng, "param_groups": groups}
+    meta = {"run": asdict(run), "rng": rng, "param_groups": groups, "guard": guard.state_dict()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"benchmark": json.dumps(meta)})
     tmp.replace(path)
 
 
-def _load(path: Path, built: Built, opt: torch.optim.Optimizer) -> tuple[Run, Any]:
+def _load(
+    path: Path, built: Built, opt: torch.optim.Optimizer, guard: SpikeGuard
+) -> tuple[Run, Any]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -144,7 +154,18 @@ def _load(path: Path, built: Built, opt: torch.optim.Optimizer) -> tuple[Run, An
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     built.module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     load_optimizer_tensors(opt, tensors, meta["param_groups"])
+    if "guard" in meta:
+        guard.load_state_dict(meta["guard"])
     return Run(**meta["run"]), meta["rng"]
+
+
+def learning_rate(r: Recipe, steps: int, seconds: float, budget: float) -> float:
+    """Linear warm-up over ``r.warmup`` steps, then constant or (``cosine``) decaying to 0 at
+    the end of the budget of training seconds."""
+    rate = r.lr * min(1.0, (steps + 1) / max(1, r.warmup))
+    if r.schedule == "cosine":
+        rate *= 0.5 * (1.0 + math.cos(math.pi * min(1.0, seconds / budget)))
+    return rate
 
 
 def train(
@@ -166,8 +187,9 @@ def train(
     n, batch = len(data.train), r.batch_size
     per_epoch = n // batch
     path = None if checkpoint is None else _checkpoint_path(checkpoint, run)
+    guard = SpikeGuard()
     if resume and path is not None and path.is_file():
-        run, rng = _load(path, built, opt)
+        run, rng = _load(path, built, opt, guard)
         gen.set_state(torch.tensor(rng["gen"], dtype=torch.uint8))
         torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
         print(f"  resumed {path} at {run.seconds:.0f} s, step {run.steps}", flush=True)
@@ -179,32 +201,45 @@ def train(
     with_rng = lambda: {"gen": gen.get_state().tolist(), "torch": torch.get_rng_state().tolist()}  # noqa: E731
     built.module.train()
     while run.seconds < budget:
-        i = run.steps % per_epoch
+        i = run.batches % per_epoch
         if i == 0 or perm is None:
             # a resumed run draws a fresh shuffle (it continues, not bit-identically)
             perm = torch.randperm(n, generator=gen)
         t0 = time.perf_counter()
         y = dequantize_uniform(data.train[perm[i * batch : (i + 1) * batch]], LEVELS)
         loss = -built.log_prob(y).mean()
-        if not torch.isfinite(loss):
-            run.stopped = "non-finite"
+        run.batches += 1
+        try:
+            take = guard.accept(loss.item())
+        except PushforwardError as e:
+            print(f"  {built.lib} {built.model}: {e}", flush=True)
+            run.stopped = "diverged"
             break
-        for g in opt.param_groups:
-            g["lr"] = r.lr * min(1.0, (run.steps + 1) / max(1, r.warmup))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, r.clip)
-        opt.step()
-        run.steps += 1
+        if take:
+            for g in opt.param_groups:
+                g["lr"] = learning_rate(r, run.steps, run.seconds, budget)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, r.clip)
+            opt.step()
+            run.steps += 1
+            window.append(float(bits_per_dim(-loss.detach().double(), math.prod(SHAPE), LEVELS)))
+        else:
+            run.skipped += 1
+            print(
+                f"  {built.lib} {built.model}: skipped the update of batch {run.batches} "
+                f"(loss {loss.item():.6g}, running mean {guard.mean:.6g})",
+                flush=True,
+            )
         run.seconds += time.perf_counter() - t0
-        run.epochs = run.steps / per_epoch
-        window.append(float(bits_per_dim(-loss.detach().double(), math.prod(SHAPE), LEVELS)))
+        run.epochs = run.batches / per_epoch
         if run.seconds - last_curve >= curve_every or run.seconds >= budget:
             point = {
                 "seconds": round(run.seconds, 1),
                 "steps": run.steps,
                 "epochs": round(run.epochs, 3),
-                "train_bpd": statistics.fmean(window),
+                "train_bpd": statistics.fmean(window) if window else math.nan,
+                "skipped": run.skipped,
                 "valid_bpd": mean_bpd(built, data.valid),
             }
             run.curve.append(point)
@@ -226,11 +261,11 @@ def train(
                 flush=True,
             )
         if path is not None and time.perf_counter() - last_save >= checkpoint_every:
-            _save(path, built, opt, run, with_rng())
+            _save(path, built, opt, run, with_rng(), guard)
             last_save = time.perf_counter()
     run.stopped = run.stopped or "budget"
     if path is not None:
-        _save(path, built, opt, run, with_rng())
+        _save(path, built, opt, run, with_rng(), guard)
     return run
 
 
@@ -245,7 +280,7 @@ def sampling_rate(built: Built, n: int) -> float:
 
 def table(runs: list[Run]) -> str:
     rows = [
-        "| library | model | params | step ms | steps | epochs | train s | "
+        "| library | model | params | step ms | steps | skipped | epochs | train s | "
         + " | ".join(
             f"test bpd @{m['milestone']:.0f}s" for m in (runs[0].milestones if runs else [])
         )
@@ -257,7 +292,8 @@ def table(runs: list[Run]) -> str:
         step = "n/a" if r.step_ms is None else f"{r.step_ms:.0f}"
         rate = "n/a" if r.samples_per_second is None else f"{r.samples_per_second:.0f}"
         rows.append(
-            f"| {r.lib} | {r.model} | {r.parameters:,} | {step} | {r.steps} | {r.epochs:.2f} | "
+            f"| {r.lib} | {r.model} | {r.parameters:,} | {step} | {r.steps} | {r.skipped} | "
+            f"{r.epochs:.2f} | "
             f"{r.seconds:.0f} | {tests} | {rate} |"
         )
     return "\n".join(rows)
@@ -275,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--clip", type=float, default=50.0)
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--step-batch", type=int, default=64)
@@ -295,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         if m not in MODELS:
             p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
     milestones = sorted({float(s) for s in a.milestones.split(",") if s} | {a.budget})
-    recipe = Recipe(a.lr, a.warmup, a.batch_size, a.clip, a.seed)
+    recipe = Recipe(a.lr, a.warmup, a.batch_size, a.clip, a.seed, a.schedule)
     try:
         data = load(a.test_rows)
     except PushforwardError as e:

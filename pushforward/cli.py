@@ -1223,6 +1223,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     metrics.update(
         epochs=getattr(history, "epochs", None),
         steps=getattr(history, "steps", None),
+        skipped_steps=getattr(history, "skipped", 0),
         best_epoch=getattr(history, "best_epoch", None),
         seconds=getattr(history, "seconds", time.perf_counter() - start),
         stopped=getattr(history, "stopped", None),

@@ -791,10 +791,11 @@ def _preprocess(features: tuple[int, int, int], logit: float) -> list[Transform]
     return [Inverse(Logit(float(logit), event_dim=3))]
 
 
-def _glow_level(shape, context_features, levels, steps, hidden, seed=0) -> Transform:
+def _glow_level(shape, context_features, levels, steps, hidden, scale, seed=0) -> Transform:
     from .transforms.coupling import channel_mask
     from .transforms.image import FactorOut, InvertibleConv1x1, Squeeze
     from .transforms.linear import ActNorm
+    from .transforms.transformers import AffineTransformer
 
     c, h, w = _halve(*shape, "glow")
     layers: list[Transform] = [Squeeze()]
@@ -802,11 +803,16 @@ def _glow_level(shape, context_features, levels, steps, hidden, seed=0) -> Trans
         layers += [
             ActNorm(c, event_dim=3),
             InvertibleConv1x1(c, context_features, seed=seed + k),
-            _conv_coupling(channel_mask(c, h, w, flip=k % 2 == 1), context_features, hidden),
+            _conv_coupling(
+                channel_mask(c, h, w, flip=k % 2 == 1),
+                context_features,
+                hidden,
+                AffineTransformer(scale=scale),
+            ),
         ]
     if levels > 1:
         inner = _glow_level(
-            (c - c // 2, h, w), context_features, levels - 1, steps, hidden, seed + steps
+            (c - c // 2, h, w), context_features, levels - 1, steps, hidden, scale, seed + steps
         )
         layers.append(FactorOut(inner, channels=c))
     layers.append(Inverse(Squeeze()))
@@ -827,13 +833,26 @@ def glow(
     hidden: tuple[int, ...] = (64,),
     logit: float | None = 0.05,
     base: str = "normal",
+    scale: str = "tanh",
 ):
     """Images in [0, 1] (dequantized pixels / levels). Each level squeezes, runs ``layers``
     steps, factors out half of the channels (all levels but the last) and unsqueezes, so the
     latent has the image's shape. The defaults (2 levels of 4 steps, conditioners of one
     residual block of 64 channels: 633k parameters at 1x28x28) train on a CPU: one step on 64
-    MNIST images takes ~0.35 s on one core, against ~1.5 s for 8 steps of two blocks."""
-    return _image_flow(_glow_level, features, context_features, levels, layers, hidden, logit, base)
+    MNIST images takes ~0.35 s on one core, against ~1.5 s for 8 steps of two blocks.
+    ``scale`` is the couplings' scale parameterisation (:class:`~pushforward.transforms.
+    transformers.AffineTransformer`): ``"tanh"`` (soft clamp of the log-scale to (-5, 5)) or
+    ``"sigmoid"`` (Glow's gate, contractive data -> latent). The gate learns more slowly:
+    digits, 2 steps of 16 channels, 20 epochs: test 2.436 bits/dim against 2.319 with
+    ``"tanh"``."""
+    from .transforms.transformers import AffineTransformer
+
+    AffineTransformer(scale=scale)  # an unknown name fails here, naming the choices
+
+    def level(*args):
+        return _glow_level(*args, scale)
+
+    return _image_flow(level, features, context_features, levels, layers, hidden, logit, base)
 
 
 def _realnvp_level(shape, context_features, levels, steps, hidden) -> Transform:

@@ -5,8 +5,10 @@ teacher (:func:`distill`).
 All loops use Adam with gradient-norm clipping, run reproducibly from a seed (inside a forked
 RNG state, so torch's global random state is left as it was), stop cleanly on a wall-clock
 budget, and never leave non-finite weights in the model: a non-finite loss stops the run, warns,
-and restores the last good weights. The hot loop synchronises with the device only every
-:data:`CHECK_EVERY` steps (loss for the progress bar and the finiteness check).
+and restores the last good weights (:func:`fit` first skips such a minibatch, and loss spikes,
+with a :class:`SpikeGuard`, and stops after 50 in a row). The hot loops of :func:`fit_target`
+and :func:`distill` synchronise with the device only every :data:`CHECK_EVERY` steps (loss
+for the progress bar and the finiteness check); :func:`fit`'s guard reads every step's loss.
 
 References:
     Kingma and Ba (2015), "Adam: A Method for Stochastic Optimization", arXiv:1412.6980.
@@ -54,6 +56,7 @@ __all__ = [
     "CHECKPOINT_JSON",
     "optimizer_tensors",
     "load_optimizer_tensors",
+    "SpikeGuard",
 ]
 
 #: why a run ended: ``fit`` gives one of the first four, ``fit_target`` and ``distill``
@@ -94,6 +97,8 @@ class History:
             there is none).
         epochs: epochs run, the last possibly partial (0 for :func:`fit_target`).
         steps: optimiser steps taken.
+        skipped: minibatches whose update was skipped as a loss spike (:class:`SpikeGuard`;
+            :func:`fit` only).
         seconds: wall-clock duration of the run.
         stopped: why it ended, one of :data:`STOP_REASONS`.
         loss_every: optimiser steps per ``train_loss`` entry (``None``: one entry per epoch).
@@ -105,6 +110,7 @@ class History:
     best_valid_log_likelihood: float | None = None
     epochs: int = 0
     steps: int = 0
+    skipped: int = 0
     seconds: float = 0.0
     stopped: str = ""
     loss_every: int | None = None
@@ -320,6 +326,10 @@ def fit(
     (whatever stopped the run), and training stops after ``patience`` epochs without
     improvement. Each step clips the gradient norm to ``clip``; the learning rate follows a
     cosine decay from ``lr`` to 0 over ``epochs`` (``lr_schedule="cosine"``) or stays constant.
+    A minibatch whose loss is non-finite or a spike far above the running mean is not stepped
+    on (:class:`SpikeGuard`; counted in ``History.skipped``), and a run of 50 such batches in a
+    row stops training as ``"non-finite"``. (Deciding this reads every step's loss on the host:
+    one device synchronisation per step.)
 
     The flow is in training mode while it trains (data-dependent initialisations such as
     ActNorm, batch-norm statistics) and is left in eval mode. Each epoch uses
@@ -328,9 +338,9 @@ def fit(
     comes from ``seed``, so the same seed gives identical numbers; torch's global RNG state is
     restored afterwards.
 
-    A non-finite training loss or validation log-likelihood stops the run with
-    ``stopped="non-finite"``, restores the best weights so far (the initial ones before the
-    first validation) and emits a :class:`RuntimeWarning` naming the epoch and step.
+    A non-finite validation log-likelihood, or 50 skipped training minibatches in a row, stops
+    the run with ``stopped="non-finite"``, restores the best weights so far (the initial ones
+    before the first validation) and emits a :class:`RuntimeWarning` naming the epoch and step.
 
     ``preprocess`` maps every training minibatch (already in the flow's dtype and device) to
     what the flow models, afresh at each step: uniform dequantization of integer images,
@@ -584,6 +594,7 @@ def _fit_epochs(
     )
     best_state = _snapshot(flow)
     bad_epochs = 0
+    guard = SpikeGuard()
     first_epoch, skip = 1, 0
     sums = {"epoch_sum": 0.0, "window_sum": 0.0, "window": 0, "done": 0}
     epoch_rng: list[int] | None = None
@@ -596,6 +607,8 @@ def _fit_epochs(
             flow.eval()
             return history
         bad_epochs = state["bad_epochs"]
+        if "guard" in state:
+            guard.load_state_dict(state["guard"])
         first_epoch, skip = state["epoch"], state["batches"]
         sums = state["sums"]
         epoch_rng = state["epoch_rng"]
@@ -626,6 +639,7 @@ def _fit_epochs(
                     "epoch": epoch,
                     "batches": batches,
                     "bad_epochs": bad_epochs,
+                    "guard": guard.state_dict(),
                     "sums": sums,
                     "epoch_rng": epoch_rng,
                     "rng": _get_rng(device),
@@ -658,13 +672,6 @@ def _fit_epochs(
                     loss = nll(flow, batch, context)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if clip is not None:
-                    nn.utils.clip_grad_norm_(params, clip)
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                history.steps += 1
-                done += 1
                 value = loss.detach().double()
                 now = time.perf_counter()
                 out_of_time = max_time is not None and now - start > max_time
@@ -672,11 +679,29 @@ def _fit_epochs(
                     both = torch.stack([value / world.size, value.new_tensor(out_of_time * main)])
                     value, flag = world.sum(both).unbind()
                     out_of_time = max_time is not None and bool(flag.item())
-                epoch_sum += value
-                window_sum += value
-                window += 1
+                # every rank sees the same global loss, so all take or all skip the step
+                try:
+                    take = guard.accept(value.item())
+                except PushforwardError:  # a run of non-finite or exploding losses
+                    history.skipped = guard.skipped
+                    stop = "non-finite"
+                    what = f"{guard.patience} non-finite or exploding losses in a row"
+                    _warn_non_finite(f"epoch {epoch}, step {history.steps}", history, what)
+                    break
+                if take:
+                    if clip is not None:
+                        nn.utils.clip_grad_norm_(params, clip)
+                    optimizer.step()
+                    if scheduler is not None:
+                        scheduler.step()
+                    history.steps += 1
+                    done += 1
+                    epoch_sum += value
+                    window_sum += value
+                    window += 1
+                history.skipped = guard.skipped
                 bar.update(1)
-                if window == CHECK_EVERY or i == per_epoch - 1 or out_of_time:
+                if window and (window == CHECK_EVERY or i == per_epoch - 1 or out_of_time):
                     mean = window_sum.item() / window
                     if not math.isfinite(mean):
                         stop = "non-finite"
@@ -702,7 +727,8 @@ def _fit_epochs(
             if stop == "non-finite":
                 history.train_loss.append(math.nan)
                 break
-            history.train_loss.append(epoch_sum.item() / max(done, 1))
+            # an epoch whose every batch was skipped has no training loss
+            history.train_loss.append(epoch_sum.item() / done if done else math.nan)
             flow.eval()
             ll = _mean_log_prob(flow, valid, valid_context, world)
             history.valid_log_likelihood.append(ll)
@@ -918,6 +944,84 @@ class _Checkpoint:
         return meta
 
 
+class SpikeGuard:
+    r"""Tells a training loop to skip the update of a minibatch whose loss is a spike.
+
+    A flow can assign one unlucky minibatch a loss many orders of magnitude above the others
+    (a few images the model has learnt to squeeze far into the tails). Clipping bounds that
+    batch's gradient, but Adam still takes a full-size step in its direction and its second
+    moments stay inflated for thousands of steps: training may never recover its previous
+    loss. The guard keeps exponential moving averages of the loss, :math:`m`, and of its
+    absolute deviation from :math:`m`, :math:`a` (decay ``decay``), over the accepted steps,
+    and rejects a loss that is not finite or exceeds :math:`m + k\,a` (:math:`k` =
+    ``threshold``; a normal loss is within about :math:`4a`). The first ``warmup`` losses are
+    always accepted (they build the averages); a rejected loss leaves them unchanged.
+    ``patience`` rejections in a row mean the model itself has diverged (not one batch):
+    :meth:`accept` then raises :class:`~pushforward.core.PushforwardError`.
+
+    Example:
+        >>> guard = SpikeGuard(warmup=3)
+        >>> [guard.accept(v) for v in (1.0, 1.1, 0.9, 1.0, 1e9, 0.95)]
+        [True, True, True, True, False, True]
+        >>> guard.skipped
+        1
+    """
+
+    def __init__(
+        self,
+        threshold: float = 20.0,
+        warmup: int = 100,
+        decay: float = 0.99,
+        patience: int = 50,
+    ):
+        self.threshold = _check_number(threshold, "threshold")
+        self.warmup = check_positive_int(warmup, "warmup")
+        self.decay = _check_number(decay, "decay")
+        if self.decay >= 1.0:
+            raise PushforwardError(f"decay must be below 1, got {decay!r}")
+        self.patience = check_positive_int(patience, "patience")
+        self.mean = 0.0
+        self.deviation = 0.0
+        self.count = 0  # accepted losses
+        self.skipped = 0
+        self.in_a_row = 0
+
+    def accept(self, loss: float) -> bool:
+        """Whether to take the optimiser step of this (scalar) ``loss``."""
+        loss = float(loss)
+        spike = not math.isfinite(loss) or (
+            self.count >= self.warmup and loss > self.mean + self.threshold * self.deviation
+        )
+        if spike:
+            self.skipped += 1
+            self.in_a_row += 1
+            if self.in_a_row >= self.patience:
+                raise PushforwardError(
+                    f"training diverged: {self.in_a_row} minibatches in a row had a loss far "
+                    f"above the running mean {self.mean:.6g} (last: {loss:.6g}); lower the "
+                    f"learning rate"
+                )
+            return False
+        self.in_a_row = 0
+        if self.count == 0:
+            self.mean = loss
+        # early on the averages follow quickly (a plain mean), later with weight 1 - decay
+        w = max(1.0 - self.decay, 1.0 / (self.count + 1))
+        self.deviation += w * (abs(loss - self.mean) - self.deviation)
+        self.mean += w * (loss - self.mean)
+        self.count += 1
+        return True
+
+    def state_dict(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in ("mean", "deviation", "count", "skipped", "in_a_row")}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        for k in ("mean", "deviation"):
+            setattr(self, k, float(state[k]))
+        for k in ("count", "skipped", "in_a_row"):
+            setattr(self, k, int(state[k]))
+
+
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list]:
     """An optimizer's state as safetensors-ready tensors ``optim.{param}.{key}`` (copies) and
     its JSON-ready ``param_groups``; :func:`load_optimizer_tensors` restores it."""
@@ -947,10 +1051,10 @@ def load_optimizer_tensors(
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _warn_non_finite(where: str, history: History) -> None:
+def _warn_non_finite(where: str, history: History, what: str = "non-finite loss") -> None:
     kept = f"epoch {history.best_epoch}" if history.best_epoch else "the initial weights"
     warnings.warn(
-        f"training stopped: non-finite loss at {where}; restored the weights of {kept}",
+        f"training stopped: {what} at {where}; restored the weights of {kept}",
         RuntimeWarning,
         stacklevel=5,
     )

@@ -14,7 +14,14 @@ from torch import Tensor
 
 from pushforward.core import PushforwardError, Transform
 from pushforward.distributions import Flow, StandardNormal
-from pushforward.train import History, _beta, estimate_reverse_kl, fit, fit_target
+from pushforward.train import (
+    History,
+    SpikeGuard,
+    _beta,
+    estimate_reverse_kl,
+    fit,
+    fit_target,
+)
 from pushforward.transforms.linear import ElementwiseAffine
 
 LOG_2PI = math.log(2 * math.pi)
@@ -37,11 +44,12 @@ def _gaussian(n: int, seed: int = 0) -> Tensor:
 class Recorder(Transform):
     """ElementwiseAffine that records the mode of every call and can turn its ladj to NaN."""
 
-    def __init__(self, nan_after: int | None = None):
+    def __init__(self, nan_after: int | None = None, spike_at: int | None = None):
         super().__init__()
         self.inner = ElementwiseAffine(2)
         self.modes: list[bool] = []
         self.nan_after = nan_after
+        self.spike_at = spike_at
 
     def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self.inner(z, context)
@@ -52,6 +60,8 @@ class Recorder(Transform):
         training_calls = sum(self.modes)
         if self.nan_after is not None and self.training and training_calls > self.nan_after:
             ladj = ladj * math.nan
+        if self.training and training_calls == self.spike_at:
+            ladj = ladj * 1e6 - 1e8
         return z, ladj
 
 
@@ -117,15 +127,46 @@ def test_non_finite_loss_stops_with_finite_best_weights_and_a_warning() -> None:
     def callback(epoch: int, history: History) -> None:
         after_epoch[epoch] = _params(flow)
 
-    with pytest.warns(RuntimeWarning, match="non-finite loss at epoch 2"):
+    # 4 batches per epoch; batches 7, 8, ... are NaN: each is skipped (the weights stay as they
+    # were after batch 6), and the 50th in a row (batch 56, epoch 14) stops the run
+    match = "50 non-finite or exploding losses in a row at epoch 14"
+    with pytest.warns(RuntimeWarning, match=match):
         history = fit(
-            flow, _gaussian(500), epochs=10, batch_size=100, progress=False, callback=callback
+            flow,
+            _gaussian(500),
+            epochs=30,
+            batch_size=100,
+            patience=100,
+            progress=False,
+            callback=callback,
         )
-    assert history.stopped == "non-finite" and history.best_epoch == 1
-    assert history.epochs == 2 and math.isnan(history.train_loss[-1])
+    assert history.stopped == "non-finite" and history.epochs == 14
+    assert history.steps == 6 and history.skipped == 50 and math.isnan(history.train_loss[-1])
     assert all(torch.isfinite(p).all() for p in flow.parameters())
     state = _params(flow)
-    assert all(torch.equal(state[k], after_epoch[1][k]) for k in state)
+    assert all(torch.equal(state[k], after_epoch[history.best_epoch][k]) for k in state)
+    for e in range(3, 14):  # skipped steps leave the weights alone
+        assert all(torch.equal(after_epoch[e][k], after_epoch[2][k]) for k in state)
+
+
+def test_a_loss_spike_is_skipped_and_training_goes_on() -> None:
+    """Batch 150 has a loss ~1e8 above the others (and a gradient 1e6 times too large): its
+    update is skipped and counted, and the run ends where the same run without the spike does,
+    one step fewer."""
+    data, runs = _gaussian(1000), []
+    for spike_at in (150, None):
+        torch.manual_seed(0)
+        flow = Flow(StandardNormal(2), Recorder(spike_at=spike_at))
+        runs.append(fit(flow, data, epochs=20, batch_size=50, lr=0.05, patience=99, progress=False))
+    spiked, plain = runs
+    assert spiked.stopped == plain.stopped == "max-epochs"
+    assert (spiked.skipped, plain.skipped) == (1, 0)
+    assert spiked.steps == plain.steps - 1 == 20 * 18 - 1
+    assert all(math.isfinite(v) for v in spiked.train_loss)
+    assert spiked.best_valid_log_likelihood == pytest.approx(-(LOG_2PI + 1), abs=0.15)
+    assert spiked.best_valid_log_likelihood == pytest.approx(
+        plain.best_valid_log_likelihood, abs=0.01
+    )
 
 
 def test_modes_train_during_steps_eval_during_validation() -> None:
@@ -223,3 +264,36 @@ def test_history_round_trips_through_json() -> None:
     d = json.loads(json.dumps(history.to_dict()))
     assert History.from_dict(d) == history
     assert set(d) >= {"train_loss", "valid_log_likelihood", "best_epoch", "stopped", "seconds"}
+
+
+def test_spike_guard_accepts_noise_rejects_spikes_and_gives_up_on_divergence() -> None:
+    gen = torch.Generator().manual_seed(0)
+    losses = (100.0 - torch.arange(2000) * 0.01 + torch.randn(2000, generator=gen)).tolist()
+    guard = SpikeGuard(warmup=20)
+    assert all(guard.accept(v) for v in losses)  # a decreasing noisy loss is never a spike
+    assert guard.skipped == 0 and guard.count == 2000
+    assert guard.mean == pytest.approx(80.5, abs=0.5)
+    assert not guard.accept(1e9) and not guard.accept(math.nan) and not guard.accept(math.inf)
+    assert guard.accept(80.0) and guard.skipped == 3 and guard.in_a_row == 0
+    state = guard.state_dict()
+    copy = SpikeGuard(warmup=20)
+    copy.load_state_dict(json.loads(json.dumps(state)))
+    assert copy.state_dict() == state
+    # the first `warmup` losses build the averages and are never rejected unless not finite
+    early = SpikeGuard(warmup=3)
+    assert [early.accept(v) for v in (1.0, 10.0, math.nan, 0.8, 1e6)] == [
+        True,
+        True,
+        False,
+        True,
+        False,
+    ]
+    stuck = SpikeGuard(patience=3)
+    stuck.accept(1.0)
+    stuck.accept(math.nan)
+    stuck.accept(math.nan)
+    with pytest.raises(PushforwardError, match="3 minibatches in a row had a loss far above"):
+        stuck.accept(math.nan)
+    for bad in ({"threshold": 0}, {"warmup": 0}, {"decay": 1.0}, {"patience": 1.5}):
+        with pytest.raises(PushforwardError, match=next(iter(bad))):
+            SpikeGuard(**bad)

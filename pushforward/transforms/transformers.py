@@ -30,30 +30,50 @@ def _split(params: Tensor, per_feature: int, name: str) -> Tensor:
 
 
 class AffineTransformer(Transformer):
-    r"""The affine map :math:`x = z \cdot s + t` with a softly bounded scale.
+    r"""The affine map :math:`x = z \cdot s + t` with a bounded scale.
 
     .. math::
         x = z\, e^{\log s} + t, \qquad
-        \log s = b \tanh(\tilde s / b), \qquad
         \log \frac{\partial x}{\partial z} = \log s
 
-    ``params[..., 0]`` is the shift :math:`t` and ``params[..., 1]`` the raw log-scale
-    :math:`\tilde s`; the soft clamp keeps :math:`\log s` in :math:`(-b, b)` (``scale_bound``),
-    is the identity to first order near 0 (so the map behaves like the unbounded
-    :math:`e^{\tilde s}` of MAF/RealNVP for moderate values) and has a non-vanishing gradient
-    everywhere, so no parameter value overflows the map or its inverse
-    :math:`z = (x - t)\, e^{-\log s}`. ``identity_params`` is ``(0, 0)``: :math:`s = 1, t = 0`.
-    Cost: :math:`O(1)` per entry in both directions; the inverse is exact.
+    ``params[..., 0]`` is the shift :math:`t` and ``params[..., 1]`` the raw scale
+    :math:`\tilde s`, mapped to :math:`\log s` by one of two bounded parameterisations:
+
+    * ``scale="tanh"`` (default): :math:`\log s = b \tanh(\tilde s / b)`, a soft clamp to
+      :math:`(-b, b)` (``scale_bound``) that is the identity to first order near 0 (so the map
+      behaves like the unbounded :math:`e^{\tilde s}` of MAF/RealNVP for moderate values) and
+      has a non-vanishing gradient everywhere.
+    * ``scale="sigmoid"``: Glow's gate. The *inverse* map multiplies by a sigmoid,
+      :math:`z = (x - t)\, g`, :math:`g = (\sigma(\tilde s + 2) + \epsilon) /
+      (\sigma(2) + \epsilon)`, :math:`\epsilon = 10^{-3}`, i.e.
+
+      .. math:: \log s = \log(\sigma(2) + \epsilon) - \log(\sigma(\tilde s + 2) + \epsilon)
+         \in (-0.127, 6.78).
+
+      Used in the data -> latent direction (as the couplings of an image flow are), the layer
+      can contract by any factor down to :math:`\approx 10^{-3}` but expand by at most
+      :math:`1/\sigma(2) \approx 1.135`, so no minibatch can be blown up by a chain of
+      couplings; this is what keeps Glow's training stable (Kingma & Dhariwal 2018, code:
+      ``scale = sigmoid(h + 2)``). The division by :math:`\sigma(2)+\epsilon` makes
+      :math:`\tilde s = 0` the identity (Glow itself starts at scale 0.88); :math:`\epsilon`
+      (as in nflows) bounds the latent -> data expansion when sampling.
+
+    Either way no parameter value overflows the map or its inverse
+    :math:`z = (x - t)\, e^{-\log s}`, and ``identity_params`` is ``(0, 0)``:
+    :math:`s = 1, t = 0`. Cost: :math:`O(1)` per entry in both directions; the inverse is exact.
 
     Args:
-        scale_bound: the bound :math:`b` on :math:`|\log s|` (default 5: scales in
-            :math:`(e^{-5}, e^{5}) \approx (0.0067, 148)` per layer).
+        scale_bound: the bound :math:`b` on :math:`|\log s|` of ``"tanh"`` (default 5: scales
+            in :math:`(e^{-5}, e^{5}) \approx (0.0067, 148)` per layer).
+        scale: ``"tanh"`` or ``"sigmoid"``.
 
     References:
         Dinh, Sohl-Dickstein and Bengio (2016), "Density estimation using Real NVP",
         arXiv:1605.08803.
         Papamakarios, Pavlakou and Murray (2017), "Masked autoregressive flow for density
         estimation", arXiv:1705.07057.
+        Kingma and Dhariwal (2018), "Glow: Generative flow with invertible 1x1 convolutions",
+        arXiv:1807.03039.
 
     Example:
         >>> tr = AffineTransformer()
@@ -63,19 +83,35 @@ class AffineTransformer(Transformer):
         tensor([[3.0000, 3.2920]])
         >>> torch.allclose(tr.inverse(x, params)[0], torch.tensor([[2.0, 2.0]]))
         True
+        >>> AffineTransformer(scale="sigmoid").log_scale(torch.tensor([-50.0, 0.0, 50.0]))
+        tensor([ 6.7820,  0.0000, -0.1268])
     """
 
     params_per_feature = 2
+    #: the parameterisations of the scale
+    SCALES = ("tanh", "sigmoid")
+    #: :math:`\epsilon` of the sigmoid gate
+    GATE_FLOOR = 1e-3
 
-    def __init__(self, scale_bound: float = 5.0):
+    def __init__(self, scale_bound: float = 5.0, scale: str = "tanh"):
         super().__init__()
         ok = isinstance(scale_bound, numbers.Real) and not isinstance(scale_bound, bool)
         if not ok or not math.isfinite(scale_bound) or scale_bound <= 0:
             raise PushforwardError(f"scale_bound must be a positive number, got {scale_bound!r}")
+        if scale not in self.SCALES:
+            raise PushforwardError(
+                f"unknown affine scale {scale!r}; choose from: {', '.join(self.SCALES)}"
+            )
         self.scale_bound = float(scale_bound)
+        self.scale = scale
 
     def log_scale(self, raw: Tensor) -> Tensor:
-        """:math:`\\log s = b \\tanh(\\tilde s / b)`."""
+        """The log-scale :math:`\\log s` of the raw parameter (see the class docstring)."""
+        if self.scale == "sigmoid":
+            two = torch.full((), 2.0, dtype=raw.dtype, device=raw.device)
+            # the same float ops at raw = 0 as at the reference, so s = 1 exactly there
+            at_zero = torch.log(torch.sigmoid(two) + self.GATE_FLOOR)
+            return at_zero - torch.log(torch.sigmoid(raw + two) + self.GATE_FLOOR)
         return self.scale_bound * torch.tanh(raw / self.scale_bound)
 
     def forward(self, z: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
@@ -91,6 +127,8 @@ class AffineTransformer(Transformer):
         return z, (-log_s).expand(z.shape)
 
     def extra_repr(self) -> str:
+        if self.scale == "sigmoid":
+            return "scale=sigmoid"
         return f"scale_bound={self.scale_bound:g}"
 
 

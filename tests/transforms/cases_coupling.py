@@ -23,6 +23,7 @@ C = 3  # context features of the conditional variants
 TRANSFORMERS = {
     "affine": AffineTransformer,
     "additive": AdditiveTransformer,
+    "gated": lambda: AffineTransformer(scale="sigmoid"),
     "spline": lambda: RQSplineTransformer(bins=4),
 }
 
@@ -122,6 +123,8 @@ CASES: list[Case] = [
     _case("affine", 1, context_features=C),
     _case("affine", 3, "alternating", flip=True, context_features=C),
     _case("affine", 2, context_features=C, residual=True),
+    _case("gated", 2),
+    _case("gated", 3, "alternating", context_features=C),
     _case("additive", 1),
     _case("additive", 2, "alternating", flip=True),
     _case("additive", 3, "half"),
@@ -134,6 +137,7 @@ CASES: list[Case] = [
     _case("spline", 2, "alternating", flip=True, context_features=C),
     _case("spline", 3, "half", context_features=C, residual=True),
     _image_case("affine", checkerboard_mask(2, 2, 2)),
+    _image_case("gated", channel_mask(2, 2, 2)),
     _image_case("spline", channel_mask(2, 2, 2, flip=True), context_features=C),
     _compact_case(),
 ]

@@ -226,6 +226,25 @@ def test_affine_transformer_scale_is_bounded_and_finite_for_any_parameters() -> 
     assert math.isclose(tr.log_scale(torch.tensor(1e-3)).item(), 1e-3, rel_tol=1e-7)
 
 
+def test_sigmoid_gate_contracts_the_inverse_and_bounds_both_directions() -> None:
+    """Glow's gate: the inverse multiplies by (sigmoid(raw + 2) + 1e-3) / (sigmoid(2) + 1e-3),
+    so it expands by at most 1.135 and contracts by at most ~1e-3, for any raw value."""
+    tr = AffineTransformer(scale="sigmoid")
+    raw = torch.tensor([-1e6, -50.0, -1.0, 0.0, 1.0, 50.0, 1e6], dtype=torch.float64)
+    params = torch.stack([torch.zeros(7, dtype=torch.float64), raw], -1)[None]
+    z, lad = tr.inverse(torch.ones(1, 7, dtype=torch.float64), params)
+    gate = (torch.sigmoid(raw + 2) + 1e-3) / (math.exp(2) / (1 + math.exp(2)) + 1e-3)
+    torch.testing.assert_close(z[0], gate, atol=1e-15, rtol=1e-14)
+    torch.testing.assert_close(lad[0], gate.log(), atol=1e-15, rtol=1e-14)
+    assert torch.all(lad <= math.log(1.1353)) and torch.all(lad >= math.log(1.1e-3))
+    assert z[0, 3] == 1.0 and lad[0, 3] == 0.0  # raw = 0 (identity_params) is the identity
+    x, lad_forward = tr(z, params)
+    torch.testing.assert_close(x, torch.ones(1, 7, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(lad_forward, -lad, atol=0, rtol=0)
+    with pytest.raises(PushforwardError, match="unknown affine scale 'exp'; choose from: tanh"):
+        AffineTransformer(scale="exp")
+
+
 def test_additive_transformer_is_volume_preserving() -> None:
     tr = AdditiveTransformer()
     z, params = torch.randn(5, 3), torch.randn(5, 3, 1)
