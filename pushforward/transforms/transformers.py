@@ -42,7 +42,13 @@ class AffineTransformer(Transformer):
     * ``scale="tanh"`` (default): :math:`\log s = b \tanh(\tilde s / b)`, a soft clamp to
       :math:`(-b, b)` (``scale_bound``) that is the identity to first order near 0 (so the map
       behaves like the unbounded :math:`e^{\tilde s}` of MAF/RealNVP for moderate values) and
-      has a non-vanishing gradient everywhere.
+      has a non-vanishing gradient everywhere. A pair ``scale_bound=(a, b)`` clamps to
+      :math:`(-a, b)` instead: :math:`a \tanh(\tilde s / a)` for :math:`\tilde s < 0`,
+      :math:`b \tanh(\tilde s / b)` above (equal slopes and curvatures at 0). Used in the
+      data -> latent direction, :math:`z = (x - t) e^{-\log s}`, a small :math:`a` bounds how
+      much one layer can *expand* an input by :math:`e^{a}`: an input unlike the training data
+      then cannot be amplified layer after layer into an astronomically small density (the
+      image flows' failure this prevents, see ``flows.glow``).
     * ``scale="sigmoid"``: Glow's gate. The *inverse* map multiplies by a sigmoid,
       :math:`z = (x - t)\, g`, :math:`g = (\sigma(\tilde s + 2) + \epsilon) /
       (\sigma(2) + \epsilon)`, :math:`\epsilon = 10^{-3}`, i.e.
@@ -64,7 +70,8 @@ class AffineTransformer(Transformer):
 
     Args:
         scale_bound: the bound :math:`b` on :math:`|\log s|` of ``"tanh"`` (default 5: scales
-            in :math:`(e^{-5}, e^{5}) \approx (0.0067, 148)` per layer).
+            in :math:`(e^{-5}, e^{5}) \approx (0.0067, 148)` per layer), or a pair
+            :math:`(a, b)`: :math:`-a < \log s < b`.
         scale: ``"tanh"`` or ``"sigmoid"``.
 
     References:
@@ -93,16 +100,20 @@ class AffineTransformer(Transformer):
     #: :math:`\epsilon` of the sigmoid gate
     GATE_FLOOR = 1e-3
 
-    def __init__(self, scale_bound: float = 5.0, scale: str = "tanh"):
+    def __init__(self, scale_bound: float | tuple[float, float] = 5.0, scale: str = "tanh"):
         super().__init__()
-        ok = isinstance(scale_bound, numbers.Real) and not isinstance(scale_bound, bool)
-        if not ok or not math.isfinite(scale_bound) or scale_bound <= 0:
-            raise PushforwardError(f"scale_bound must be a positive number, got {scale_bound!r}")
+        pair = tuple(scale_bound) if isinstance(scale_bound, (tuple, list)) else (scale_bound,)
+        for v in pair:
+            ok = isinstance(v, numbers.Real) and not isinstance(v, bool)
+            if len(pair) > 2 or not ok or not math.isfinite(v) or v <= 0:
+                raise PushforwardError(
+                    f"scale_bound must be a positive number or a pair of them, got {scale_bound!r}"
+                )
         if scale not in self.SCALES:
             raise PushforwardError(
                 f"unknown affine scale {scale!r}; choose from: {', '.join(self.SCALES)}"
             )
-        self.scale_bound = float(scale_bound)
+        self.lower_bound, self.scale_bound = float(pair[0]), float(pair[-1])
         self.scale = scale
 
     def log_scale(self, raw: Tensor) -> Tensor:
@@ -112,7 +123,10 @@ class AffineTransformer(Transformer):
             # the same float ops at raw = 0 as at the reference, so s = 1 exactly there
             at_zero = torch.log(torch.sigmoid(two) + self.GATE_FLOOR)
             return at_zero - torch.log(torch.sigmoid(raw + two) + self.GATE_FLOOR)
-        return self.scale_bound * torch.tanh(raw / self.scale_bound)
+        high = self.scale_bound * torch.tanh(raw / self.scale_bound)
+        if self.lower_bound == self.scale_bound:
+            return high
+        return torch.where(raw < 0, self.lower_bound * torch.tanh(raw / self.lower_bound), high)
 
     def forward(self, z: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         shift, raw = _split(params, 2, "affine")
@@ -129,6 +143,8 @@ class AffineTransformer(Transformer):
     def extra_repr(self) -> str:
         if self.scale == "sigmoid":
             return "scale=sigmoid"
+        if self.lower_bound != self.scale_bound:
+            return f"scale_bound=({self.lower_bound:g}, {self.scale_bound:g})"
         return f"scale_bound={self.scale_bound:g}"
 
 

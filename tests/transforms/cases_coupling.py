@@ -24,6 +24,7 @@ TRANSFORMERS = {
     "affine": AffineTransformer,
     "additive": AdditiveTransformer,
     "gated": lambda: AffineTransformer(scale="sigmoid"),
+    "affine_asymmetric": lambda: AffineTransformer(scale_bound=(0.5, 3.0)),
     "spline": lambda: RQSplineTransformer(bins=4),
 }
 
@@ -124,6 +125,7 @@ CASES: list[Case] = [
     _case("affine", 3, "alternating", flip=True, context_features=C),
     _case("affine", 2, context_features=C, residual=True),
     _case("gated", 2),
+    _case("affine_asymmetric", 3, "half", context_features=C),
     _case("gated", 3, "alternating", context_features=C),
     _case("additive", 1),
     _case("additive", 2, "alternating", flip=True),

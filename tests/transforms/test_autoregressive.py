@@ -245,6 +245,26 @@ def test_sigmoid_gate_contracts_the_inverse_and_bounds_both_directions() -> None
         AffineTransformer(scale="exp")
 
 
+def test_asymmetric_scale_bound_clamps_each_side_and_is_smooth_at_zero() -> None:
+    tr = AffineTransformer(scale_bound=(math.log(2), 5.0))
+    raw = torch.tensor([-1e6, -3.0, -1e-4, 0.0, 1e-4, 3.0, 1e6], dtype=torch.float64)
+    log_s = tr.log_scale(raw)
+    assert torch.all(log_s >= -math.log(2)) and torch.all(log_s <= 5.0)
+    torch.testing.assert_close(log_s[0], torch.tensor(-math.log(2), dtype=torch.float64))
+    torch.testing.assert_close(log_s[-1], torch.tensor(5.0, dtype=torch.float64))
+    torch.testing.assert_close(log_s[2:5], raw[2:5], atol=1e-12, rtol=0)  # slope 1 at 0
+    torch.testing.assert_close(log_s[1], math.log(2) * torch.tanh(raw[1] / math.log(2)))
+    torch.testing.assert_close(log_s[5], 5.0 * torch.tanh(raw[5] / 5.0))
+    # the inverse expands by at most 2 whatever the parameters
+    params = torch.stack([torch.zeros(7, dtype=torch.float64), raw], -1)[None]
+    z, lad = tr.inverse(torch.ones(1, 7, dtype=torch.float64), params)
+    assert torch.all(z <= 2.0) and torch.all(lad <= math.log(2))
+    assert "scale_bound=(0.693147, 5)" in repr(tr)
+    for bad in ((1.0, 0.0), (1.0, 2.0, 3.0), (math.inf, 1.0)):
+        with pytest.raises(PushforwardError, match="a positive number or a pair of them"):
+            AffineTransformer(scale_bound=bad)
+
+
 def test_additive_transformer_is_volume_preserving() -> None:
     tr = AdditiveTransformer()
     z, params = torch.randn(5, 3), torch.randn(5, 3, 1)
