@@ -5,12 +5,15 @@ A model directory holds
 * ``model.safetensors``: the :class:`~pushforward.distributions.Flow`'s ``state_dict``;
 * ``config.json``: how to rebuild it, e.g.::
 
-      {"format": "pushforward", "format_version": 1, "library_version": "0.1.0",
+      {"format": "pushforward", "format_version": 2, "library_version": "0.1.0",
        "flow": "maf", "features": 2, "context_features": 0, "options": {"layers": 5},
        "scaling": {"loc": [0.5, 0.2], "scale": [0.9, 0.5]}, "data": "moons", "seed": 0}
 
   plus ``weights_sha256``, the checksum of ``model.safetensors`` that :func:`save_model`
-  adds and :func:`load_model` verifies (other keys are free extras, kept as they are);
+  adds and :func:`load_model` verifies (other keys are free extras, kept as they are).
+  ``options`` lists only the options given; when a recipe's default changes, the format
+  version goes up and an older config gets the former default (format 1 -> 2: the image
+  flows' ``scale_bound`` became ``(log 2, 5)``; format-1 configs load with ``5``);
 * ``metrics.json``: what the command line measured (written by :mod:`pushforward.cli`).
 
 Nothing is ever unpickled: weights are read with ``safetensors`` and configs with ``json``. Each
@@ -65,7 +68,13 @@ __all__ = [
 
 FORMAT = "pushforward"
 #: the newest config format this version reads and the one it writes
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: recipe defaults that changed after a format version, ``{version: {flow: {option: old}}}``:
+#: a config of that version or older that omits the option gets the old value, so a saved
+#: model always rebuilds as it was trained
+_FORMER_DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
+    1: {"glow": {"scale_bound": 5.0}, "realnvp-image": {"scale_bound": 5.0}},
+}
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
@@ -278,6 +287,10 @@ def model_from_config(config: dict[str, Any], where: str = "config") -> Flow:
 
     config = _check_config(config, where)
     options = {k: _from_json_option(v) for k, v in config["options"].items()}
+    for version, recipes in _FORMER_DEFAULTS.items():
+        if config["format_version"] <= version:
+            for key, value in recipes.get(config["flow"], {}).items():
+                options.setdefault(key, value)
     try:
         features = config["features"]
         features = tuple(features) if isinstance(features, list) else features

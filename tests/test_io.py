@@ -4,6 +4,7 @@ every kind of damaged directory, and no pickle anywhere."""
 from __future__ import annotations
 
 import json
+import math
 import pickle
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from pushforward import io
 from pushforward.core import Compose, PushforwardError
 from pushforward.distributions import Flow
 from pushforward.transforms.linear import Standardization
+from pushforward.transforms.transformers import AffineTransformer
 
 OPTIONS = {"layers": 2}
 
@@ -59,7 +61,10 @@ def test_save_load_gives_identical_log_prob(saved) -> None:
     assert torch.equal(loaded.log_prob(x), flow.log_prob(x))
     for key in ("flow", "features", "context_features", "options", "scaling", "data", "seed"):
         assert loaded_config[key] == config[key]
-    assert loaded_config["format"] == "pushforward" and loaded_config["format_version"] == 1
+    assert (
+        loaded_config["format"] == "pushforward"
+        and loaded_config["format_version"] == io.FORMAT_VERSION
+    )
 
 
 def test_scaling_wraps_the_transform_in_data_units() -> None:
@@ -140,8 +145,8 @@ def test_damaged_config(saved) -> None:
     path.write_text(text)
     _edit_config(directory, format="other")
     assert "not a pushforward model config (format: 'other')" in _error(directory)
-    _edit_config(directory, format="pushforward", format_version=2)
-    assert "format version 2 is newer" in _error(directory)
+    _edit_config(directory, format="pushforward", format_version=io.FORMAT_VERSION + 1)
+    assert f"format version {io.FORMAT_VERSION + 1} is newer" in _error(directory)
     _edit_config(directory, format_version=1, flow="no-such-flow")
     assert "unknown flow 'no-such-flow'" in _error(directory)
     _edit_config(directory, flow="lu", features=4)
@@ -213,3 +218,24 @@ def test_no_pickle_anywhere() -> None:
     for text in (source, tabular.read_text()):
         assert "torch.load" not in text and "import pickle" not in text
         assert "allow_pickle=True" not in text
+
+
+@pytest.mark.parametrize("flow", ["glow", "realnvp-image"])
+def test_a_format_1_image_config_rebuilds_with_the_scale_bound_it_was_trained_with(flow) -> None:
+    """The image flows' couplings got an asymmetric scale clamp in format 2; an old config
+    that omits ``scale_bound`` must not silently load as a different model."""
+    old = io.make_config(flow, [1, 4, 4], 0, {"levels": 1, "layers": 1, "hidden": [8]})
+    old["format_version"] = 1
+
+    def bounds(config):
+        flow = io.model_from_config(config)
+        return {
+            (m.lower_bound, m.scale_bound)
+            for m in flow.modules()
+            if isinstance(m, AffineTransformer)
+        }
+
+    assert bounds(old) == {(5.0, 5.0)}
+    assert bounds({**old, "format_version": 2}) == {(math.log(2), 5.0)}
+    old["options"]["scale_bound"] = [0.5, 3.0]
+    assert bounds(old) == {(0.5, 3.0)}
