@@ -854,21 +854,10 @@ def glow(
     ~1,500 s of training on. ``"sigmoid"`` is Glow's gate (expansion at most 1.135), stable but
     slower to learn. Digits, 2 steps of 16 channels, test bits/dim after 5 / 20 epochs:
     ``(log 2, 5)`` 2.628 / 2.324, symmetric 5: 2.596 / 2.319, sigmoid 2.806 / 2.436."""
-    affine = _image_affine(scale, scale_bound)
-
-    def level(*args):
-        return _glow_level(*args, affine)
-
-    return _image_flow(level, features, context_features, levels, layers, hidden, logit, base)
-
-
-def _image_affine(scale: str, scale_bound) -> Callable[[], Transformer]:
-    """A factory of the image couplings' affine transformer (options checked once, here)."""
-    from .transforms.transformers import AffineTransformer
-
-    bound = tuple(scale_bound) if isinstance(scale_bound, (list, tuple)) else scale_bound
-    AffineTransformer(bound, scale)  # a bad option fails here, naming the problem
-    return lambda: AffineTransformer(bound, scale)
+    return _image_flow(
+        _glow_level, features, context_features, levels, layers, hidden, logit, base, scale,
+        scale_bound,
+    )  # fmt: skip
 
 
 def _realnvp_level(shape, context_features, levels, steps, hidden, affine) -> Transform:
@@ -926,18 +915,26 @@ def realnvp_image(
     per stage, one residual block of 64 channels: 538k parameters at 1x28x28; the paper uses 3
     and 8 blocks) keep a step on 64 MNIST images under a second on one CPU core. ``scale`` and
     ``scale_bound``: as for ``glow``."""
-    affine = _image_affine(scale, scale_bound)
-
-    def level(*args):
-        return _realnvp_level(*args, affine)
-
-    return _image_flow(level, features, context_features, levels, layers, hidden, logit, base)
+    return _image_flow(
+        _realnvp_level, features, context_features, levels, layers, hidden, logit, base, scale,
+        scale_bound,
+    )  # fmt: skip
 
 
-def _image_flow(level, features, context_features, levels, layers, hidden, logit, base) -> Flow:
-    """The logit preprocessing, then the multi-scale recursion ``level``, over a normal base."""
+def _image_flow(
+    level, features, context_features, levels, layers, hidden, logit, base, scale, scale_bound
+) -> Flow:
+    """The logit preprocessing, then the multi-scale recursion ``level``, over a normal base;
+    every coupling's affine transformer is ``AffineTransformer(scale_bound, scale)``."""
+    from .transforms.transformers import AffineTransformer
+
     lv, k = _check_positive("levels", levels), _check_positive("layers", layers)
-    t = level(features, context_features, lv, k, _conv_hidden(hidden))
+    AffineTransformer(scale_bound, scale)  # a bad option fails here, once, naming the problem
+
+    def affine() -> Transformer:
+        return AffineTransformer(scale_bound, scale)
+
+    t = level(features, context_features, lv, k, _conv_hidden(hidden), affine)
     t = _data_direction(*_preprocess(features, logit), t)
     return Flow(_image_base(base, features), t, context_features)
 

@@ -681,9 +681,11 @@ def _fit_epochs(
                     out_of_time = max_time is not None and bool(flag.item())
                 # every rank sees the same global loss, so all take or all skip the step
                 try:
-                    take = guard.accept(value.item())
+                    take: bool | None = guard.accept(value.item())
                 except PushforwardError:  # a run of non-finite or exploding losses
-                    history.skipped = guard.skipped
+                    take = None
+                history.skipped = guard.skipped
+                if take is None:
                     stop = "non-finite"
                     what = f"{guard.patience} non-finite or exploding losses in a row"
                     _warn_non_finite(f"epoch {epoch}, step {history.steps}", history, what)
@@ -699,14 +701,10 @@ def _fit_epochs(
                     epoch_sum += value
                     window_sum += value
                     window += 1
-                history.skipped = guard.skipped
                 bar.update(1)
+                # (only finite losses pass the guard, so the window's mean is finite)
                 if window and (window == CHECK_EVERY or i == per_epoch - 1 or out_of_time):
                     mean = window_sum.item() / window
-                    if not math.isfinite(mean):
-                        stop = "non-finite"
-                        _warn_non_finite(f"epoch {epoch}, step {history.steps}", history)
-                        break
                     postfix["loss"] = f"{mean:.4f}"
                     bar.set_postfix(postfix, refresh=False)
                     window_sum.zero_()
@@ -1012,14 +1010,15 @@ class SpikeGuard:
         self.count += 1
         return True
 
+    #: the running state (what a checkpoint keeps) and its types
+    _STATE = {"mean": float, "deviation": float, "count": int, "skipped": int, "in_a_row": int}
+
     def state_dict(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in ("mean", "deviation", "count", "skipped", "in_a_row")}
+        return {k: getattr(self, k) for k in self._STATE}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        for k in ("mean", "deviation"):
-            setattr(self, k, float(state[k]))
-        for k in ("count", "skipped", "in_a_row"):
-            setattr(self, k, int(state[k]))
+        for k, kind in self._STATE.items():
+            setattr(self, k, kind(state[k]))
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list]:

@@ -103,12 +103,14 @@ class AffineTransformer(Transformer):
     def __init__(self, scale_bound: float | tuple[float, float] = 5.0, scale: str = "tanh"):
         super().__init__()
         pair = tuple(scale_bound) if isinstance(scale_bound, (tuple, list)) else (scale_bound,)
-        for v in pair:
-            ok = isinstance(v, numbers.Real) and not isinstance(v, bool)
-            if len(pair) > 2 or not ok or not math.isfinite(v) or v <= 0:
-                raise PushforwardError(
-                    f"scale_bound must be a positive number or a pair of them, got {scale_bound!r}"
-                )
+        positive = all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+            for v in pair
+        )
+        if not 1 <= len(pair) <= 2 or not positive:
+            raise PushforwardError(
+                f"scale_bound must be a positive number or a pair of them, got {scale_bound!r}"
+            )
         if scale not in self.SCALES:
             raise PushforwardError(
                 f"unknown affine scale {scale!r}; choose from: {', '.join(self.SCALES)}"
