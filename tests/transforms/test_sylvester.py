@@ -209,7 +209,8 @@ def test_inverse_is_exact_up_to_the_conditioning_near_the_boundary(kind, raw):
         z2, li = t.inverse(x)
         x2, lf2 = t(z2)
         assert row_error(x2, x).max() < 1e-14
-        torch.testing.assert_close(li, -lf2, rtol=0, atol=1e-12)
+        # the ladj sums logs of size up to ~23: a few ulps of that, whatever the BLAS kernel
+        torch.testing.assert_close(li, -lf2, rtol=1e-13, atol=1e-12)
         size = x.abs().amax(-1).clamp_min(1) / z.abs().amax(-1).clamp_min(1)
         condition = torch.linalg.matrix_norm(torch.linalg.inv(jacobian(t, z)), ord=2) * size
         bound = 1e-10 + 8 * eps * condition
