@@ -129,17 +129,33 @@ def test_invalid_arguments_are_clear_errors() -> None:
         MADE(3, (8,))(torch.randn(4, 3), torch.randn(4, 2))
 
 
-def test_block_triangular_evaluation_equals_the_dense_masked_product() -> None:
+@pytest.mark.parametrize("order", ["natural", "reversed", "random"])
+@pytest.mark.parametrize("context", [0, 2])
+def test_block_triangular_evaluation_equals_the_dense_masked_product(
+    order: str, context: int
+) -> None:
+    ranks = {"natural": "natural", "reversed": torch.arange(9).flip(0), "random": "random"}
     for residual in (False, True):
         torch.manual_seed(1)
-        blocked = MADE(9, (40, 40), heads=2, context_features=2, residual=residual, block_size=8)
-        dense = MADE(9, (40, 40), heads=2, context_features=2, residual=residual, block_size=999)
-        dense.load_state_dict(blocked.state_dict())
+        kw = {"heads": 2, "context_features": context, "residual": residual, "order": ranks[order]}
+        blocked = MADE(9, (40, 40), **kw, block_size=8)
+        dense = MADE(9, (40, 40), **kw, block_size=999)
         perturb_parameters(blocked)
         dense.load_state_dict(blocked.state_dict())
         assert blocked._blocks and not dense._blocks
+        assert dense._output_blocks is None
+        # the output layer's groups: about half the dense work for consecutive degrees
+        if order == "random":
+            assert blocked._output_blocks is None
+        else:
+            groups = blocked._output_blocks
+            assert groups is not None and len(groups) == 3
+            assert sum((hi - lo) * p for lo, hi, _, p in groups) < 0.75 * 18 * 40
+            for lo, hi, q, p in groups:
+                m = blocked.mask_output
+                assert torch.all(m[lo:hi, :q] == 1) and torch.all(m[lo:hi, p:] == 0)
+        c = torch.randn(2, 3, 2) if context else None
         x = torch.randn(2, 3, 9, requires_grad=True)
-        c = torch.randn(2, 3, 2)
         out, ref = blocked(x, c), dense(x, c)
         torch.testing.assert_close(out, ref, atol=1e-13, rtol=0)
         g = torch.randn_like(out)
@@ -169,8 +185,18 @@ def test_block_triangular_function_gradcheck_and_gradgradcheck() -> None:
     h = torch.randn(2, 3, 20, requires_grad=True)
 
     def f(h, w, b):
-        return _BlockTriangularLinear.apply(h, w, b, mask, blocks)
+        return _BlockTriangularLinear.apply(h, w, b, mask, groups)
 
+    groups = blocks
+
+    assert torch.autograd.gradcheck(f, (h, w, b))
+    assert torch.autograd.gradgradcheck(f, (h, w, b))
+    # the output layer's groups, reversed order: the last input's rows read no hidden unit
+    out = MADE(6, (20, 20), heads=3, order=torch.arange(6).flip(0), block_size=3)
+    groups, mask = out._output_blocks, out.mask_output
+    assert groups is not None and groups[-1][3] == 0
+    w = torch.randn(18, 20, requires_grad=True)
+    b = torch.randn(18, requires_grad=True)
     assert torch.autograd.gradcheck(f, (h, w, b))
     assert torch.autograd.gradgradcheck(f, (h, w, b))
 
