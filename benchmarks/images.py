@@ -4,7 +4,9 @@ Every model of every library is trained by the one loop of :func:`train`: unifor
 dequantized pixels :math:`y = (x + u) / 256` drawn afresh for every minibatch, Adam
 (``--lr``, linearly warmed up over the first ``--warmup`` steps, then constant, or with
 ``--schedule cosine`` decaying to 0 at the end of the budget), batch ``--batch-size``,
-gradient-norm clipping at ``--clip``, the same shuffles, and a budget of ``--budget`` seconds
+gradient-norm clipping at ``--clip``, the same shuffles, optionally an exponential moving
+average of the weights (``--ema 0.999``, :class:`pushforward.train.WeightAverage`) evaluated
+alongside the weights themselves, and a budget of ``--budget`` seconds
 of *training* time (evaluations and checkpoints are not counted). A minibatch whose loss is a
 spike (:class:`pushforward.train.SpikeGuard`: far above the running mean) is drawn and timed
 but not stepped on; the table counts them. There is no early stopping: the weights at the end
@@ -55,7 +57,12 @@ from image_peers import LIBS, MODELS, Built
 
 from pushforward.core import PushforwardError
 from pushforward.data.images import bits_per_dim, dequantize_uniform, load_mnist
-from pushforward.train import SpikeGuard, load_optimizer_tensors, optimizer_tensors
+from pushforward.train import (
+    SpikeGuard,
+    WeightAverage,
+    load_optimizer_tensors,
+    optimizer_tensors,
+)
 
 SHAPE = (1, 28, 28)
 LEVELS = 256
@@ -121,6 +128,7 @@ class Recipe:
     clip: float = 50.0
     seed: int = 0
     schedule: str = "constant"
+    ema: float = 0.0  # decay of the weight average evaluated alongside the weights; 0: none
 
 
 def _checkpoint_path(folder: Path, run: Run) -> Path:
@@ -128,7 +136,13 @@ def _checkpoint_path(folder: Path, run: Run) -> Path:
 
 
 def _save(
-    path: Path, built: Built, opt: torch.optim.Optimizer, run: Run, rng: Any, guard: SpikeGuard
+    path: Path,
+    built: Built,
+    opt: torch.optim.Optimizer,
+    run: Run,
+    rng: Any,
+    guard: SpikeGuard,
+    average: WeightAverage | None,
 ) -> None:
     from safetensors.torch import save_file
 
@@ -138,6 +152,9 @@ def _save(
     optim, groups = optimizer_tensors(opt)
     tensors.update(optim)
     meta = {"run": asdict(run), "rng": rng, "param_groups": groups, "guard": guard.state_dict()}
+    if average is not None:
+        tensors.update(average.tensors())
+        meta["average_updates"] = average.updates
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"benchmark": json.dumps(meta)})
@@ -145,7 +162,11 @@ def _save(
 
 
 def _load(
-    path: Path, built: Built, opt: torch.optim.Optimizer, guard: SpikeGuard
+    path: Path,
+    built: Built,
+    opt: torch.optim.Optimizer,
+    guard: SpikeGuard,
+    average: WeightAverage | None,
 ) -> tuple[Run, Any]:
     from safetensors import safe_open
 
@@ -156,6 +177,8 @@ def _load(
     load_optimizer_tensors(opt, tensors, meta["param_groups"])
     if "guard" in meta:
         guard.load_state_dict(meta["guard"])
+    if average is not None and "average_updates" in meta:
+        average.load_tensors(tensors, meta["average_updates"])
     return Run(**meta["run"]), meta["rng"]
 
 
@@ -188,8 +211,9 @@ def train(
     per_epoch = n // batch
     path = None if checkpoint is None else _checkpoint_path(checkpoint, run)
     guard = SpikeGuard()
+    average = WeightAverage(r.ema) if r.ema > 0 else None
     if resume and path is not None and path.is_file():
-        run, rng = _load(path, built, opt, guard)
+        run, rng = _load(path, built, opt, guard, average)
         gen.set_state(torch.tensor(rng["gen"], dtype=torch.uint8))
         torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
         print(f"  resumed {path} at {run.seconds:.0f} s, step {run.steps}", flush=True)
@@ -222,6 +246,8 @@ def train(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, r.clip)
             opt.step()
+            if average is not None:
+                average.update(built.module)
             run.steps += 1
             window.append(float(bits_per_dim(-loss.detach().double(), math.prod(SHAPE), LEVELS)))
         else:
@@ -242,30 +268,37 @@ def train(
                 "skipped": run.skipped,
                 "valid_bpd": mean_bpd(built, data.valid),
             }
+            if average is not None:
+                with average.applied(built.module):
+                    point["valid_bpd_average"] = mean_bpd(built, data.valid)
             run.curve.append(point)
             window, last_curve = [], run.seconds
             print(f"  {built.lib} {built.model}: {point}", flush=True)
         while todo and run.seconds >= todo[0]:
             m = todo.pop(0)
             test = mean_bpd(built, data.test)
-            run.milestones.append(
-                {
-                    "milestone": m,
-                    "seconds": round(run.seconds, 1),
-                    "steps": run.steps,
-                    "test_bpd": test,
-                }
-            )
+            point = {
+                "milestone": m,
+                "seconds": round(run.seconds, 1),
+                "steps": run.steps,
+                "test_bpd": test,
+            }
+            said = f"test bits/dim {test:.4f}"
+            if average is not None:
+                with average.applied(built.module):
+                    point["test_bpd_average"] = mean_bpd(built, data.test)
+                said += f" ({point['test_bpd_average']:.4f} with averaged weights)"
+            run.milestones.append(point)
             print(
-                f"  {built.lib} {built.model}: test bits/dim {test:.4f} after {run.seconds:.0f} s",
+                f"  {built.lib} {built.model}: {said} after {run.seconds:.0f} s",
                 flush=True,
             )
         if path is not None and time.perf_counter() - last_save >= checkpoint_every:
-            _save(path, built, opt, run, with_rng(), guard)
+            _save(path, built, opt, run, with_rng(), guard, average)
             last_save = time.perf_counter()
     run.stopped = run.stopped or "budget"
     if path is not None:
-        _save(path, built, opt, run, with_rng(), guard)
+        _save(path, built, opt, run, with_rng(), guard, average)
     return run
 
 
@@ -288,7 +321,11 @@ def table(runs: list[Run]) -> str:
     ]
     rows.append("|" + "---|" * (rows[0].count("|") - 1))
     for r in runs:
-        tests = " | ".join(f"{m['test_bpd']:.4f}" for m in r.milestones)
+        tests = " | ".join(
+            f"{m['test_bpd']:.4f}"
+            + (f" / {m['test_bpd_average']:.4f} avg" if "test_bpd_average" in m else "")
+            for m in r.milestones
+        )
         step = "n/a" if r.step_ms is None else f"{r.step_ms:.0f}"
         rate = "n/a" if r.samples_per_second is None else f"{r.samples_per_second:.0f}"
         rows.append(
@@ -312,6 +349,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--clip", type=float, default=50.0)
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        help="also evaluate an exponential moving average of the weights with this decay "
+        "(e.g. 0.999; 0: off)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--step-batch", type=int, default=64)
@@ -332,7 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         if m not in MODELS:
             p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
     milestones = sorted({float(s) for s in a.milestones.split(",") if s} | {a.budget})
-    recipe = Recipe(a.lr, a.warmup, a.batch_size, a.clip, a.seed, a.schedule)
+    if not 0.0 <= a.ema < 1.0:
+        p.error(f"--ema must be in [0, 1), got {a.ema}")
+    recipe = Recipe(a.lr, a.warmup, a.batch_size, a.clip, a.seed, a.schedule, a.ema)
     try:
         data = load(a.test_rows)
     except PushforwardError as e:

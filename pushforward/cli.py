@@ -6,7 +6,7 @@ r"""The ``pushforward`` command: fit, evaluate, sample and plot flows from the s
                          [--epochs N] [--max-time SECONDS] [--batch-size B]
                          [--lr LR] [--seed S] [--out DIR] [--force] [--json] [--key K]
                          [--levels L] [--dequantize uniform] [--scales K]
-                         [--checkpoint-every SECONDS] [--resume]
+                         [--average DECAY] [--checkpoint-every SECONDS] [--resume]
     pushforward eval MODEL_DIR DATA [--json] [--key K]
     pushforward sample MODEL_DIR -n N --out FILE.npy [--seed S] [--force] [--temperature T]
     pushforward plot MODEL_DIR [--out DIR]
@@ -186,6 +186,13 @@ _positive_float = _number_type(float, "a positive number", positive=True)
 _non_negative_float = _number_type(float, "a number >= 0", positive=False)
 
 
+def _decay(text: str) -> float:
+    value = _positive_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a decay in (0, 1), got {text!r}")
+    return value
+
+
 def _hidden(text: str) -> tuple[int, ...]:
     try:
         widths = tuple(int(w) for w in text.split(","))
@@ -268,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         metavar="K",
         help="image flows: number of multi-scale levels (the recipe option 'levels')",
+    )
+    p.add_argument(
+        "--average",
+        type=_decay,
+        metavar="DECAY",
+        help="validate and keep an exponential moving average of the weights with this decay, "
+        "e.g. 0.999 (default: the weights themselves)",
     )
     p.add_argument(
         "--checkpoint-every",
@@ -979,6 +993,7 @@ def _fit_images(args: argparse.Namespace, array: Any) -> int:
         max_time=args.max_time,
         batch_size=args.batch_size,
         lr=args.lr,
+        average=args.average,
     )
     extras: dict[str, Any] = {
         "data": args.data,
@@ -1180,6 +1195,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         max_time=args.max_time,
         batch_size=args.batch_size,
         lr=args.lr,
+        average=args.average,
     )
     extras: dict[str, Any] = {"data": args.data, "seed": args.seed, "training": training}
     if not builtin:

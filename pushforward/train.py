@@ -31,7 +31,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ __all__ = [
     "optimizer_tensors",
     "load_optimizer_tensors",
     "SpikeGuard",
+    "WeightAverage",
 ]
 
 #: why a run ended: ``fit`` gives one of the first four, ``fit_target`` and ``distill``
@@ -314,6 +315,7 @@ def fit(
     checkpoint_every: float | None = 300.0,
     checkpoint_steps: int | None = None,
     resume: bool = False,
+    average: float | None = None,
 ) -> History:
     r"""Fit a flow to data by maximum likelihood (minibatch Adam with early stopping).
 
@@ -330,6 +332,13 @@ def fit(
     on (:class:`SpikeGuard`; counted in ``History.skipped``), and a run of 50 such batches in a
     row stops training as ``"non-finite"``. (Deciding this reads every step's loss on the host:
     one device synchronisation per step.)
+
+    With ``average`` (a decay such as 0.999) an exponential moving average of the weights is
+    kept after every step (:class:`WeightAverage`, Polyak averaging); the validation
+    log-likelihood, the choice of the best epoch and the weights the run ends with are then
+    those of the averaged weights, while training goes on from the last iterate. It usually
+    buys a better validation figure at no cost in steps, most of all with noisy gradients
+    (small batches, images).
 
     The flow is in training mode while it trains (data-dependent initialisations such as
     ActNorm, batch-norm statistics) and is left in eval mode. Each epoch uses
@@ -409,6 +418,8 @@ def fit(
         checkpoint_every: seconds between checkpoints (``None``: not by time).
         checkpoint_steps: optimiser steps between checkpoints (``None``: not by steps).
         resume: continue from the checkpoint in ``checkpoint`` (an error if there is none).
+        average: decay of the weight average that is validated and kept (``None``: the
+            weights themselves); in ``(0, 1)``.
 
     Returns:
         The :class:`History` of the run.
@@ -455,6 +466,7 @@ def fit(
         if checkpoint_steps is None
         else check_positive_int(checkpoint_steps, "checkpoint_steps")
     )
+    averaged = None if average is None else WeightAverage(average)
     if resume and not (Path(checkpoint) / CHECKPOINT_FILE).is_file():
         raise PushforwardError(
             f"no checkpoint to resume from: {Path(checkpoint) / CHECKPOINT_FILE} not found"
@@ -509,6 +521,7 @@ def fit(
                 "clip": clip,
                 "seed": int(seed),
                 "lr_schedule": lr_schedule,
+                "average": None if averaged is None else averaged.decay,
             }
             saver = _Checkpoint(
                 Path(checkpoint),
@@ -541,6 +554,7 @@ def fit(
                 saver=saver,
                 resume=resume,
                 world=world,
+                average=averaged,
             )
         finally:
             distributed.leave(created)
@@ -583,6 +597,7 @@ def _fit_epochs(
     saver: _Checkpoint | None,
     resume: bool,
     world: distributed.World,
+    average: WeightAverage | None,
 ) -> History:
     device = train.device
     history = History()
@@ -609,6 +624,8 @@ def _fit_epochs(
         bad_epochs = state["bad_epochs"]
         if "guard" in state:
             guard.load_state_dict(state["guard"])
+        if average is not None and "average_updates" in state:
+            average.load_tensors(state["tensors"], state["average_updates"])
         first_epoch, skip = state["epoch"], state["batches"]
         sums = state["sums"]
         epoch_rng = state["epoch_rng"]
@@ -634,6 +651,7 @@ def _fit_epochs(
                 best_state,
                 optimizer,
                 scheduler,
+                {} if average is None else average.tensors(),
                 {
                     "finished": finished,
                     "epoch": epoch,
@@ -645,6 +663,7 @@ def _fit_epochs(
                     "rng": _get_rng(device),
                     "seconds": time.perf_counter() - start,
                     "history": history.to_dict(),
+                    **({} if average is None else {"average_updates": average.updates}),
                 },
             )
         last_save = time.perf_counter()
@@ -696,6 +715,8 @@ def _fit_epochs(
                     optimizer.step()
                     if scheduler is not None:
                         scheduler.step()
+                    if average is not None:
+                        average.update(flow)
                     history.steps += 1
                     done += 1
                     epoch_sum += value
@@ -728,16 +749,23 @@ def _fit_epochs(
             # an epoch whose every batch was skipped has no training loss
             history.train_loss.append(epoch_sum.item() / done if done else math.nan)
             flow.eval()
-            ll = _mean_log_prob(flow, valid, valid_context, world)
+            # validated (and kept as the best) are the averaged weights where there are any
+            with nullcontext() if average is None else average.applied(flow):
+                ll = _mean_log_prob(flow, valid, valid_context, world)
+                better = not (math.isnan(ll) or ll == math.inf) and (
+                    history.best_valid_log_likelihood is None
+                    or ll > history.best_valid_log_likelihood
+                )
+                if better:
+                    best_state = _snapshot(flow)
             history.valid_log_likelihood.append(ll)
             if math.isnan(ll) or ll == math.inf:
                 stop = "non-finite"
                 _warn_non_finite(f"epoch {epoch} (validation log-likelihood {ll})", history)
                 break
-            if history.best_valid_log_likelihood is None or ll > history.best_valid_log_likelihood:
+            if better:
                 history.best_valid_log_likelihood = ll
                 history.best_epoch = epoch
-                best_state = _snapshot(flow)
                 bad_epochs = 0
             else:
                 bad_epochs += 1
@@ -861,6 +889,7 @@ class _Checkpoint:
         best: dict[str, Tensor],
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
+        extra: dict[str, Tensor],
         meta: dict[str, Any],
     ) -> None:
         from safetensors.torch import save
@@ -869,6 +898,7 @@ class _Checkpoint:
 
         tensors = {f"model.{k}": v for k, v in _snapshot(flow).items()}
         tensors.update({f"best.{k}": v.detach().clone() for k, v in best.items()})
+        tensors.update(extra)
         optim, groups = optimizer_tensors(optimizer)
         tensors.update(optim)
         meta = {
@@ -939,6 +969,7 @@ class _Checkpoint:
         if scheduler is not None and meta.get("scheduler") is not None:
             scheduler.load_state_dict(meta["scheduler"])
         meta["best"] = {k: v.to(device) for k, v in best.items()}
+        meta["tensors"] = {k: v.to(device) for k, v in tensors.items() if k.startswith("average.")}
         return meta
 
 
@@ -1019,6 +1050,92 @@ class SpikeGuard:
     def load_state_dict(self, state: dict[str, float]) -> None:
         for k, kind in self._STATE.items():
             setattr(self, k, kind(state[k]))
+
+
+class WeightAverage:
+    r"""An exponential moving average of a module's trainable weights (Polyak averaging).
+
+    After every optimiser step, :meth:`update` moves each average :math:`\bar\theta` towards
+    the weights: :math:`\bar\theta \leftarrow \beta_t \bar\theta + (1 - \beta_t)\theta`
+    with :math:`\beta_t = \min(\text{decay}, (1 + t) / (10 + t))` at update :math:`t`, so
+    early averages follow the weights closely instead of remembering the initialisation. The
+    averages start at the weights of the first update (after any data-dependent
+    initialisation, e.g. ActNorm's). Evaluating a density model with averaged weights (inside
+    ``with average.applied(module):``) usually gives a better test likelihood than the last
+    iterate of a noisy optimiser (Polyak and Juditsky 1992; Flow++, Ho et al. 2019, evaluates
+    with decay 0.999). Buffers are not averaged: the live ones are used.
+
+    Example:
+        >>> m = torch.nn.Linear(1, 1)
+        >>> avg = WeightAverage(decay=0.5)
+        >>> avg.update(m)
+        >>> with torch.no_grad():
+        ...     _ = m.weight.add_(1.0)
+        >>> with avg.applied(m):  # weights near the pre-step value while evaluating
+        ...     pass
+    """
+
+    def __init__(self, decay: float = 0.999):
+        self.decay = _check_number(decay, "decay")
+        if self.decay >= 1.0:
+            raise PushforwardError(f"decay must be below 1, got {decay!r}")
+        self.updates = 0
+        self.averages: dict[str, Tensor] = {}
+
+    @staticmethod
+    def _trainable(module: nn.Module) -> dict[str, Tensor]:
+        return {k: p for k, p in module.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        """Fold the module's current weights into the averages."""
+        params = self._trainable(module)
+        if not self.averages:
+            self.averages = {k: p.detach().clone() for k, p in params.items()}
+        elif params.keys() != self.averages.keys():
+            raise PushforwardError("WeightAverage.update: the module's parameters changed")
+        else:
+            beta = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+            torch._foreach_lerp_(
+                [self.averages[k] for k in params],
+                [p.detach() for p in params.values()],
+                1.0 - beta,
+            )
+        self.updates += 1
+
+    @contextmanager
+    def applied(self, module: nn.Module) -> Iterator[None]:
+        """Within the block the module holds the averaged weights; its own ones come back
+        afterwards (also on an exception). A no-op before the first :meth:`update`."""
+        if not self.averages:
+            yield
+            return
+        params = self._trainable(module)
+        if params.keys() != self.averages.keys():
+            raise PushforwardError("WeightAverage.applied: not the module that was averaged")
+        own = {k: p.detach().clone() for k, p in params.items()}
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(self.averages[k])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(own[k])
+
+    def tensors(self, prefix: str = "average.") -> dict[str, Tensor]:
+        """The averages as safetensors-ready copies (keys ``prefix + name``)."""
+        return {prefix + k: v.detach().clone().contiguous() for k, v in self.averages.items()}
+
+    def load_tensors(
+        self, tensors: dict[str, Tensor], updates: int, prefix: str = "average."
+    ) -> None:
+        """Restore :meth:`tensors` (other keys ignored) and the update count."""
+        self.averages = {
+            k[len(prefix) :]: v.clone() for k, v in tensors.items() if k.startswith(prefix)
+        }
+        self.updates = int(updates)
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list]:

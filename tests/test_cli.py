@@ -159,6 +159,26 @@ def test_fit_on_files_of_other_dimensions(tmp_path: Path, features: int, plot: s
     assert (out / plot).is_file()
 
 
+def test_fit_with_a_weight_average_records_it_and_its_metrics_describe_the_saved_model(
+    tmp_path: Path,
+) -> None:
+    data = np.random.default_rng(0).normal(size=(300, 2)) * 3 + 1
+    np.save(tmp_path / "x.npy", data)
+    out = tmp_path / "m"
+    code, _, err = run("fit", tmp_path / "x.npy", *FLOW, "--epochs", 3, "--average", "0.9",
+                       "--out", out)  # fmt: skip
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert config["training"]["average"] == 0.9
+    metrics = json.loads((out / "metrics.json").read_text())
+    code, printed, err = run("eval", out, tmp_path / "x.npy", "--json")
+    assert code == 0, err
+    whole = json.loads(printed)["log_likelihood"]
+    # the saved (averaged) model's log-likelihood on all rows is the mean of its train/valid
+    both = (270 * metrics["train_log_likelihood"] + 30 * metrics["valid_log_likelihood"]) / 300
+    assert whole == pytest.approx(both, abs=1e-4)
+
+
 def test_fit_uses_miniboones_valid_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(0)
     np.savez(
@@ -238,6 +258,7 @@ def test_usage_errors_exit_2() -> None:
     assert run("fit")[0] == 2
     assert run("sample", "somewhere", "-n", "0", "--out", "x.npy")[0] == 2
     assert run("fit", "moons", "--hidden", "a,b")[0] == 2
+    assert run("fit", "moons", "--average", "1")[0] == 2
     assert run("--help")[0] == 0
 
 

@@ -63,15 +63,18 @@ def _interrupted(folder: Path, at_epoch: int = 2, **extra) -> None:
         )
 
 
-def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("average", [None, 0.9])
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, average: float | None) -> None:
+    settings = {**SETTINGS, "average": average}
     whole = _flow()
-    expected = fit(whole, _data(), **SETTINGS)
-    _interrupted(tmp_path)
+    expected = fit(whole, _data(), **settings)
+    _interrupted(tmp_path, average=average)
     saved = json.loads((tmp_path / CHECKPOINT_JSON).read_text())
     assert saved["history"]["steps"] == 15 and saved["epoch"] == 2 and saved["batches"] == 7
+    assert ("average_updates" in saved) == (average is not None)
     resumed = _flow()
     history = fit(
-        resumed, _data(), checkpoint=tmp_path, checkpoint_steps=5, resume=True, **SETTINGS
+        resumed, _data(), checkpoint=tmp_path, checkpoint_steps=5, resume=True, **settings
     )
     assert history.steps == expected.steps == 3 * (270 // 32)
     assert history.train_loss == expected.train_loss
@@ -81,7 +84,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
         assert torch.equal(resumed.state_dict()[key], value), key
     # the run's end is a checkpoint too: resuming it gives the final weights at once
     again = _flow()
-    assert fit(again, _data(), checkpoint=tmp_path, resume=True, **SETTINGS).steps == 24
+    assert fit(again, _data(), checkpoint=tmp_path, resume=True, **settings).steps == 24
     for key, value in whole.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
 
@@ -95,6 +98,7 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path: Path) -> None:
         ({"data": _data() + 1}, "different train data"),
         ({"batch_size": 16}, "batch_size=32"),
         ({"seed": 4}, "seed=3"),
+        ({"average": 0.99}, "average=None"),
     ]
     for change, match in cases:
         flow = change.pop("flow", _flow())

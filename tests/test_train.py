@@ -17,6 +17,7 @@ from pushforward.distributions import Flow, StandardNormal
 from pushforward.train import (
     History,
     SpikeGuard,
+    WeightAverage,
     _beta,
     estimate_reverse_kl,
     fit,
@@ -297,3 +298,77 @@ def test_spike_guard_accepts_noise_rejects_spikes_and_gives_up_on_divergence() -
     for bad in ({"threshold": 0}, {"warmup": 0}, {"decay": 1.0}, {"patience": 1.5}):
         with pytest.raises(PushforwardError, match=next(iter(bad))):
             SpikeGuard(**bad)
+
+
+def test_weight_average_follows_the_weights_and_swaps_them_in_and_back() -> None:
+    m = torch.nn.Linear(3, 2)
+    m.bias.requires_grad_(False)  # frozen weights are not averaged
+    avg = WeightAverage(decay=0.9)
+    with avg.applied(m):  # nothing averaged yet: a no-op
+        pass
+    seen = []
+    for step in range(200):
+        with torch.no_grad():
+            m.weight.fill_(float(step))
+        avg.update(m)
+        seen.append(float(step))
+    # closed form of the recursion: averages start at step 0, then beta_t = min(0.9, ...)
+    expect = seen[0]
+    for t in range(1, 200):
+        beta = min(0.9, (1 + t) / (10 + t))
+        expect = beta * expect + (1 - beta) * seen[t]
+    assert set(avg.averages) == {"weight"} and avg.updates == 200
+    torch.testing.assert_close(avg.averages["weight"], torch.full((2, 3), expect))
+    assert 185.0 < expect < 199.0  # lags the weights by about decay / (1 - decay) steps
+    with avg.applied(m):
+        torch.testing.assert_close(m.weight.detach(), torch.full((2, 3), expect))
+    assert torch.all(m.weight == 199.0)  # the own weights came back
+    with pytest.raises(RuntimeError, match="boom"), avg.applied(m):
+        raise RuntimeError("boom")
+    assert torch.all(m.weight == 199.0)  # ... also after an exception
+    # restored from tensors in another key order (safetensors sorts them), it goes on alike
+    two = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    first, second = WeightAverage(0.9), WeightAverage(0.9)
+    first.update(two)
+    saved = dict(reversed(list(first.tensors().items())))
+    second.load_tensors(saved, first.updates)
+    with torch.no_grad():
+        for q in two.parameters():
+            q.add_(1.0)
+    first.update(two)
+    second.update(two)
+    for k, v in first.averages.items():
+        torch.testing.assert_close(second.averages[k], v)
+    copy = WeightAverage(decay=0.9)
+    copy.load_tensors(avg.tensors(), avg.updates)
+    torch.testing.assert_close(copy.averages["weight"], avg.averages["weight"])
+    assert copy.updates == 200
+    with (
+        pytest.raises(PushforwardError, match="not the module that was averaged"),
+        copy.applied(torch.nn.Linear(2, 2)),
+    ):
+        pass
+    for bad in (1.0, -0.1, math.nan):
+        with pytest.raises(PushforwardError, match="decay"):
+            WeightAverage(bad)
+
+
+def test_fit_with_a_weight_average_validates_and_keeps_the_averaged_weights() -> None:
+    data = 3.0 + 0.5 * torch.randn(600, 2, generator=torch.Generator().manual_seed(0))
+    valid = 3.0 + 0.5 * torch.randn(200, 2, generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for average in (None, 0.95):
+        torch.manual_seed(0)
+        flow = _affine_flow()
+        history = fit(flow, data, valid, epochs=4, batch_size=16, lr=0.05, patience=10,
+                      progress=False, average=average)  # fmt: skip
+        with torch.no_grad():
+            ll = flow.log_prob(valid).mean().item()
+        # what was validated (and chosen as best) is what the flow holds at the end
+        assert history.best_valid_log_likelihood == pytest.approx(ll, abs=1e-6)
+        runs[average] = (history, [p.detach().clone() for p in flow.parameters()])
+    (plain, w_plain), (averaged, w_avg) = runs[None], runs[0.95]
+    assert plain.steps == averaged.steps and plain.train_loss == averaged.train_loss
+    assert any(not torch.equal(a, b) for a, b in zip(w_plain, w_avg))
+    with pytest.raises(PushforwardError, match="decay"):
+        fit(_affine_flow(), data, epochs=1, progress=False, average=1.0)
