@@ -16,6 +16,11 @@ r"""The ``pushforward`` command: fit, evaluate, sample and plot flows from the s
     pushforward distill TEACHER_DIR --out DIR [--flow iaf] [--layers K] [--hidden 512,512]
                          [--objective kl|mse|both] [--steps N] [--max-time S] [--batch-size B]
                          [--lr LR] [--seed S] [--force] [--json] [--data DATA] [--key K]
+    pushforward vae DATA --out DIR [--posterior NAME] [--flow-length K]
+                         [--posterior-option NAME=VALUE ...] [--latent Z] [--hidden W,W]
+                         [--context H] [--epochs N] [--max-time S] [--warmup EPOCHS]
+                         [--batch-size B] [--lr LR] [--levels L] [--iw-samples K] [--seed S]
+                         [--force] [--json] [--key K]
 
 ``DATA`` is a built-in name (``fit`` uses its training split, ``eval`` its test split) or a
 ``.npy``/``.npz``/``.csv`` file (see :func:`pushforward.data.load`). Log-likelihoods are mean
@@ -186,6 +191,20 @@ _positive_float = _number_type(float, "a positive number", positive=True)
 _non_negative_float = _number_type(float, "a number >= 0", positive=False)
 
 
+def _option(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` of a recipe option: the value an integer, a number, a comma-separated
+    list of integers, or else the text."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    for parse in (int, float, lambda v: tuple(int(w) for w in v.split(","))):
+        try:
+            return name.strip(), parse(value)
+        except ValueError:
+            pass
+    return name.strip(), value.strip()
+
+
 def _decay(text: str) -> float:
     value = _positive_float(text)
     if value >= 1:
@@ -322,6 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
         "sylvester-orthogonal, sylvester-householder, sylvester-triangular (default gaussian)",
     )
     p.add_argument("--flow-length", type=_positive_int, metavar="K", help="posterior flow layers")
+    p.add_argument(
+        "--posterior-option",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a further option of the posterior flow's recipe, e.g. columns=8 (the Sylvester "
+        "M), reflections=4, hidden=64,64; repeatable",
+    )
     p.add_argument("--latent", type=_positive_int, default=32, metavar="Z", help="default 32")
     p.add_argument(
         "--hidden", type=_hidden, metavar="W,W", help="encoder/decoder widths (default 300)"
@@ -1304,6 +1332,7 @@ def _cmd_vae(args: argparse.Namespace) -> int:
         flow_length=args.flow_length,
         hidden=args.hidden or (300,),
         context=args.context,
+        flow_options=dict(args.posterior_option) or None,
     )
     training = _given(
         epochs=args.epochs,

@@ -49,3 +49,19 @@ def test_vae_bad_input(vae_dir, tmp_path: Path) -> None:
     fails("vae", "digits", "--posterior", "nope", *TINY, "--out", tmp_path / "a", match="nope")
     fails("vae", "digits", *TINY, "--out", out, match="already holds a model")
     fails("vae", "digits", "--posterior", "glow", *TINY, "--out", tmp_path / "b", match="glow")
+
+
+def test_vae_posterior_options_reach_the_recipe_and_the_saved_model(tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    args = ["vae", "digits", "--posterior", "sylvester-orthogonal", "--flow-length", "2"]
+    code, _, err = run(*args, "--posterior-option", "columns=1", *TINY, "--iw-samples", "2",
+                       "--out", out)  # fmt: skip
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert config["options"]["flow_options"] == {"columns": 1}
+    code, _, err = run("eval", out, "digits", "--iw-samples", "2", "--json")
+    assert code == 0, err
+    fails(*args, "--posterior-option", "columns", *TINY, "--out", tmp_path / "p",
+          match="expected NAME=VALUE")  # fmt: skip
+    fails(*args, "--posterior-option", "colums=2", *TINY, "--out", tmp_path / "q",
+          match="colums")  # fmt: skip
