@@ -361,21 +361,20 @@ def fit(
     once with a fixed :class:`torch.Generator`); one split off ``train`` is preprocessed once,
     right after the split. With ``preprocess=None`` the rows are used as they are.
 
-    **Checkpoints.** With a ``checkpoint`` folder, the run is saved there every
-    ``checkpoint_every`` seconds and/or every ``checkpoint_steps`` steps (after an optimiser
-    step, mid-epoch included) and once at the end, atomically (temporary file and rename), as
-    :data:`CHECKPOINT_FILE`: the current and the best weights and Adam's moments and step
-    counts as tensors, and as JSON metadata the epoch, the steps done in it, the global step,
-    the learning-rate schedule's position, the best validation figure, the patience counter,
-    the :class:`History` so far, and the random states (of the epoch's shuffle and of torch's
-    generator, as lists of ints). Nothing is pickled. ``resume=True`` continues from it: the
-    run then ends with the same weights and history as one never interrupted (same data,
-    flow and settings; ``preprocess`` noise drawn from torch's generator included), having
-    redone at most the steps since the last checkpoint. A checkpoint of a different flow,
-    data or setting (``epochs``, ``batch_size``, ``lr``, ``seed``, ...) is refused with an
-    error naming the difference; ``max_time`` counts the time before the interruption too.
-    A checkpoint written at the end makes ``resume`` return its history at once, with the
-    final weights.
+    **Checkpoints.** With a ``checkpoint`` folder, the run is saved there every ``checkpoint_every``
+    seconds and/or every ``checkpoint_steps`` steps (after an optimiser step, mid-epoch included)
+    and once at the end, atomically (temporary file and rename), as :data:`CHECKPOINT_FILE`: the
+    current and the best weights, the weight averages (with ``average``) and Adam's moments and step
+    counts as tensors, and as JSON metadata the epoch, the steps done in it, the global step, the
+    learning-rate schedule's position, the best validation figure, the patience counter, the
+    :class:`History` so far, and the random states (of the epoch's shuffle and of torch's generator,
+    as lists of ints). Nothing is pickled. ``resume=True`` continues from it: the run then ends with
+    the same weights and history as one never interrupted (same data, flow and settings;
+    ``preprocess`` noise drawn from torch's generator included), having redone at most the steps
+    since the last checkpoint. A checkpoint of a different flow, data or setting (``epochs``,
+    ``batch_size``, ``lr``, ``seed``, ...) is refused with an error naming the difference;
+    ``max_time`` counts the time before the interruption too. A checkpoint written at the end makes
+    ``resume`` return its history at once, with the final weights.
 
     **Several processes.** Under ``torchrun`` (environment ``WORLD_SIZE > 1``) every process
     calls ``fit`` with the same arguments; the flow is wrapped in
@@ -919,7 +918,8 @@ class _Checkpoint:
         self, flow: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
     ) -> dict[str, Any]:
         """Check the checkpoint against this run, load the weights, optimizer and schedule,
-        and return the rest (the best weights under ``"best"``)."""
+        and return the rest (the best weights under ``"best"``, the weight averages' tensors
+        under ``"tensors"``)."""
         from safetensors import safe_open
 
         where = str(self.path)
