@@ -1353,6 +1353,8 @@ def _cmd_vae(args: argparse.Namespace) -> int:
         "n_train": len(x),
         "best_valid_elbo": getattr(history, "best_valid_log_likelihood", None),
         "epochs": getattr(history, "epochs", None),
+        "steps": history.steps,
+        "skipped_steps": history.skipped,
         "seconds": seconds,
         "stopped": getattr(history, "stopped", None),
     }

@@ -685,8 +685,11 @@ def fit_vae(
     same data. After every epoch the mean validation ELBO (:math:`\beta = 1`, one seeded draw
     per example, eval mode) is computed; the best epoch's weights are kept and restored at the
     end, and training stops after ``patience`` epochs without improvement once the warm-up is
-    over. A non-finite loss or validation ELBO stops the run (``stopped="non-finite"``),
-    restores the best weights and warns. Everything random comes from ``seed``; torch's global
+    over. A minibatch whose loss is not finite or a spike far above the running mean is not
+    stepped on (:class:`~pushforward.train.SpikeGuard`, as in
+    :func:`~pushforward.train.fit`; counted in ``History.skipped``); 50 such minibatches in a
+    row, or a non-finite validation ELBO, stop the run (``stopped="non-finite"``), restore the
+    best weights and warn. Everything random comes from ``seed``; torch's global
     RNG state is left as it was.
 
     Args:
@@ -723,6 +726,7 @@ def fit_vae(
     from .train import (
         CHECK_EVERY,
         History,
+        SpikeGuard,
         _adam,
         _progress,
         _seeded,
@@ -772,6 +776,7 @@ def fit_vae(
         optimizer = _adam(params, lr)
         best_state = _snapshot(model)
         bad_epochs, stop = 0, ""
+        guard = SpikeGuard()
         bar = _progress(epochs * per_epoch, "fit-vae", progress)
         postfix: dict[str, str] = {}
         try:
@@ -789,23 +794,28 @@ def fit_vae(
                     loss = -model.elbo(batch, beta).mean()
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    if clip is not None:
-                        nn.utils.clip_grad_norm_(params, clip)
-                    optimizer.step()
-                    history.steps += 1
-                    done += 1
                     value = loss.detach().double()
-                    epoch_sum += value
-                    window_sum += value
-                    window += 1
+                    try:  # a non-finite or spiking loss: no step (fit's guard)
+                        take = guard.accept(value.item())
+                    except PushforwardError:  # a run of them: the model has diverged
+                        stop = "non-finite"
+                        what = f"{guard.patience} non-finite or exploding losses in a row"
+                        _warn_non_finite(f"epoch {epoch}, step {history.steps}", history, what)
+                        break
+                    history.skipped = guard.skipped
+                    if take:
+                        if clip is not None:
+                            nn.utils.clip_grad_norm_(params, clip)
+                        optimizer.step()
+                        history.steps += 1
+                        done += 1
+                        epoch_sum += value
+                        window_sum += value
+                        window += 1
                     bar.update(1)
                     out_of_time = max_time is not None and time.perf_counter() - start > max_time
-                    if window == CHECK_EVERY or i == per_epoch - 1 or out_of_time:
+                    if window and (window == CHECK_EVERY or i == per_epoch - 1 or out_of_time):
                         mean = window_sum.item() / window
-                        if not math.isfinite(mean):
-                            stop = "non-finite"
-                            _warn_non_finite(f"epoch {epoch}, step {history.steps}", history)
-                            break
                         postfix["-elbo"] = f"{mean:.3f}"
                         postfix["beta"] = f"{beta:.2f}"
                         bar.set_postfix(postfix, refresh=False)
@@ -818,7 +828,8 @@ def fit_vae(
                 if stop == "non-finite":
                     history.train_loss.append(math.nan)
                     break
-                history.train_loss.append(epoch_sum.item() / done)
+                # an epoch whose every batch was skipped has no training loss
+                history.train_loss.append(epoch_sum.item() / done if done else math.nan)
                 model.eval()
                 value = _mean_elbo(model, valid, int(seed) + 1)
                 history.valid_log_likelihood.append(value)

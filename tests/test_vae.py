@@ -424,3 +424,27 @@ def test_errors() -> None:
         fit_vae(vae, torch.full((10, 4), 2.0), progress=False)
     with pytest.raises(PushforwardError, match="outside 0..16"):
         unit_pixels(np.array([[0, 17]]), levels=17)
+
+
+def test_a_loss_spike_is_skipped_and_training_goes_on(digits, monkeypatch) -> None:
+    """One minibatch whose ELBO is made non-finite is not stepped on and is counted; the run
+    goes on to the end with finite weights, one step short of the run without it."""
+    train = digits[0][:300]
+    runs = []
+    for spike_at in (5, None):
+        vae = _digits_vae("planar")
+        calls = {"n": 0}
+        elbo = vae.elbo
+
+        def spiking(x, beta=1.0, _elbo=elbo, _calls=calls, _at=spike_at, _vae=vae):
+            _calls["n"] += 1
+            out = _elbo(x, beta)
+            return out * math.inf if _vae.training and _calls["n"] == _at else out
+
+        monkeypatch.setattr(vae, "elbo", spiking)
+        runs.append((fit_vae(vae, train, epochs=3, warmup=1, seed=0, progress=False), vae))
+    (spiked, model), (plain, _) = runs
+    assert (spiked.skipped, plain.skipped) == (1, 0)
+    assert spiked.steps == plain.steps - 1 and spiked.stopped == plain.stopped == "max-epochs"
+    assert all(math.isfinite(v) for v in spiked.train_loss)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
