@@ -74,6 +74,18 @@ def test_autoregressive_options(name: str, options: dict) -> None:
     check_flow(name, 3, 0, **{**small_options(name), **options})
 
 
+@pytest.mark.parametrize("name", IMAGE)
+def test_image_flows_with_glows_network_shape(name: str) -> None:
+    """kernel=1: per-pixel residual blocks between the 3x3 input and output convolutions."""
+    check_flow(name, (1, 4, 4), 0, **{**small_options(name), "kernel": 1})
+    flow = flows.build(name, (1, 4, 4), **{**small_options(name), "kernel": 1})
+    convs = [m for m in flow.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert {m.kernel_size for m in convs} == {(1, 1), (3, 3)}
+    for bad in (2, 0, 1.0, True):
+        with pytest.raises(PushforwardError, match="kernel must be a positive odd integer"):
+            flows.build(name, (1, 4, 4), kernel=bad)
+
+
 def test_unknown_permutation() -> None:
     with pytest.raises(PushforwardError, match="unknown permutation 'sorted'"):
         flows.build("maf", 3, permutation="sorted")
