@@ -336,9 +336,9 @@ def fit(
     With ``average`` (a decay such as 0.999) an exponential moving average of the weights is
     kept after every step (:class:`WeightAverage`, Polyak averaging); the validation
     log-likelihood, the choice of the best epoch and the weights the run ends with are then
-    those of the averaged weights, while training goes on from the last iterate. It usually
-    buys a better validation figure at no cost in steps, most of all with noisy gradients
-    (small batches, images).
+    those of the averaged weights, while training goes on from the last iterate. It helps
+    most while the learning rate is high (long runs, noisy gradients); once the cosine
+    schedule has brought the rate down the last iterate is about as good.
 
     The flow is in training mode while it trains (data-dependent initialisations such as
     ActNorm, batch-norm statistics) and is left in eval mode. Each epoch uses
@@ -1066,13 +1066,17 @@ class WeightAverage:
     with decay 0.999). Buffers are not averaged: the live ones are used.
 
     Example:
-        >>> m = torch.nn.Linear(1, 1)
+        >>> m = torch.nn.Linear(1, 1, bias=False)
+        >>> _ = m.weight.data.fill_(0.0)
         >>> avg = WeightAverage(decay=0.5)
-        >>> avg.update(m)
-        >>> with torch.no_grad():
-        ...     _ = m.weight.add_(1.0)
-        >>> with avg.applied(m):  # weights near the pre-step value while evaluating
-        ...     pass
+        >>> avg.update(m)  # the averages start at the weights: 0
+        >>> _ = m.weight.data.fill_(1.0)
+        >>> avg.update(m)  # beta_1 = min(0.5, 2 / 11): 0.818
+        >>> with avg.applied(m):
+        ...     print(round(m.weight.item(), 3))
+        0.818
+        >>> m.weight.item()
+        1.0
     """
 
     def __init__(self, decay: float = 0.999):
