@@ -296,7 +296,7 @@ class MADE(nn.Module):
                 h = F.linear(states[st.src], layer.weight * mask, layer.bias)
             else:
                 h = _BlockTriangularLinear.apply(
-                    states[st.src], layer.weight, layer.bias, mask, blocks, True
+                    states[st.src], layer.weight, layer.bias, mask, blocks
                 )
             if st.context is not None:
                 h = h + F.linear(c, self.context_layers[st.context].weight)
@@ -308,7 +308,7 @@ class MADE(nn.Module):
         else:
             out = _BlockTriangularLinear.apply(
                 states[-1], self.output.weight, self.output.bias, self.mask_output,
-                self._output_blocks, False,
+                self._output_blocks,
             )  # fmt: skip
         return out.unflatten(-1, (self.features, self.heads))
 
@@ -455,32 +455,17 @@ class _BlockTriangularLinear(torch.autograd.Function):
     the input prefix ``[:p]``. With groups of about ``w / G`` rows this does a fraction
     :math:`(1 + 1/G) / 2` of the dense product's work (and of its mask product), in the forward
     pass and in both gradient products. Under ``create_graph`` the backward uses the dense
-    differentiable formulas, so higher derivatives are exact too.
-
-    ``unit_major``: build the result as ``(width, batch)`` and return its transpose (same
-    values, column-major strides): each group then writes contiguous rows, and the bias
-    broadcast that starts each group's product runs along them (written into a column block
-    of a row-major result it is a strided fill that costs a noticeable part of a large
-    batch's pass). For hidden states, which only activations and the next products read;
-    the output layer keeps the row-major layout that the transformers expect."""
+    differentiable formulas, so higher derivatives are exact too."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, mask: Tensor, blocks, unit_major):  # type: ignore[override]
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, mask: Tensor, blocks):  # type: ignore[override]
         h2 = h.reshape(-1, h.shape[-1])
+        out = h2.new_empty(h2.shape[0], weight.shape[0])
         masked = []
-        if unit_major:
-            out_t = h2.new_empty(weight.shape[0], h2.shape[0])
-            for lo, hi, _, p in blocks:
-                wm = weight[lo:hi, :p] * mask[lo:hi, :p]
-                torch.addmm(bias[lo:hi, None], wm, h2[:, :p].t(), out=out_t[lo:hi])
-                masked.append(wm)
-            out = out_t.t()
-        else:
-            out = h2.new_empty(h2.shape[0], weight.shape[0])
-            for lo, hi, _, p in blocks:
-                wm = weight[lo:hi, :p] * mask[lo:hi, :p]
-                torch.addmm(bias[lo:hi], h2[:, :p], wm.t(), out=out[:, lo:hi])
-                masked.append(wm)
+        for lo, hi, _, p in blocks:
+            wm = weight[lo:hi, :p] * mask[lo:hi, :p]
+            torch.addmm(bias[lo:hi], h2[:, :p], wm.t(), out=out[:, lo:hi])
+            masked.append(wm)
         ctx.blocks = blocks
         ctx.batch_shape = h.shape[:-1]
         ctx.save_for_backward(h, weight, mask, *masked)  # h itself: graph-connected
@@ -519,7 +504,7 @@ class _BlockTriangularLinear(torch.autograd.Function):
                     gw[lo:hi, p:].zero_()
         if need_b:
             gb = g2.sum(0)
-        return gh, gw, gb, None, None, None
+        return gh, gw, gb, None, None
 
 
 def _rebuild_masks(module: MADE, incompatible_keys: object) -> None:
