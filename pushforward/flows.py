@@ -746,15 +746,14 @@ IMAGE_SCALE_BOUND = (math.log(2), 5.0)
 
 def _conv_hidden(hidden, kernel) -> tuple[int, int, int]:
     """``hidden`` of an image flow (one entry per residual block, all the same width) and the
-    blocks' ``kernel``, as ``(width, blocks, kernel)``."""
+    blocks' ``kernel`` (checked by :class:`~pushforward.nn.convnet.ConvResNet`), as
+    ``(width, blocks, kernel)``."""
     widths = _check_hidden(hidden)
     if len(set(widths)) != 1:
         raise PushforwardError(
             f"option hidden of an image flow lists one width per residual block, all equal; "
             f"got {hidden!r}"
         )
-    if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
-        raise PushforwardError(f"option kernel must be a positive odd integer, got {kernel!r}")
     return widths[0], len(widths), kernel
 
 

@@ -698,15 +698,9 @@ def _fit_epochs(
                     value, flag = world.sum(both).unbind()
                     out_of_time = max_time is not None and bool(flag.item())
                 # every rank sees the same global loss, so all take or all skip the step
-                try:
-                    take: bool | None = guard.accept(value.item())
-                except PushforwardError:  # a run of non-finite or exploding losses
-                    take = None
-                history.skipped = guard.skipped
+                take = _guarded(guard, value.item(), history, f"epoch {epoch}")
                 if take is None:
                     stop = "non-finite"
-                    what = f"{guard.patience} non-finite or exploding losses in a row"
-                    _warn_non_finite(f"epoch {epoch}, step {history.steps}", history, what)
                     break
                 if take:
                     if clip is not None:
@@ -1171,13 +1165,31 @@ def load_optimizer_tensors(
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _warn_non_finite(where: str, history: History, what: str = "non-finite loss") -> None:
+def _warn_non_finite(
+    where: str, history: History, what: str = "non-finite loss", stacklevel: int = 5
+) -> None:
     kept = f"epoch {history.best_epoch}" if history.best_epoch else "the initial weights"
     warnings.warn(
         f"training stopped: {what} at {where}; restored the weights of {kept}",
         RuntimeWarning,
-        stacklevel=5,
+        stacklevel=stacklevel,
     )
+
+
+def _guarded(guard: SpikeGuard, loss: float, history: History, epoch: str) -> bool | None:
+    """The :class:`SpikeGuard`'s verdict on a step's ``loss`` (the training loops of
+    :func:`fit` and :func:`~pushforward.vae.fit_vae`): whether to take the step, recorded in
+    ``history.skipped``; ``None``, after the warning, when a run of bad losses means the model
+    has diverged and the loop must stop."""
+    try:
+        take = guard.accept(loss)
+    except PushforwardError:  # a run of non-finite or exploding losses
+        what = f"{guard.patience} non-finite or exploding losses in a row"
+        _warn_non_finite(f"{epoch}, step {history.steps}", history, what, stacklevel=6)
+        return None
+    finally:
+        history.skipped = guard.skipped
+    return take
 
 
 # ---------------------------------------------------------------------------------------------

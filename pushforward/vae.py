@@ -728,6 +728,7 @@ def fit_vae(
         History,
         SpikeGuard,
         _adam,
+        _guarded,
         _progress,
         _seeded,
         _snapshot,
@@ -795,14 +796,11 @@ def fit_vae(
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     value = loss.detach().double()
-                    try:  # a non-finite or spiking loss: no step (fit's guard)
-                        take = guard.accept(value.item())
-                    except PushforwardError:  # a run of them: the model has diverged
+                    # a non-finite or spiking loss: no step (fit's guard)
+                    take = _guarded(guard, value.item(), history, f"epoch {epoch}")
+                    if take is None:
                         stop = "non-finite"
-                        what = f"{guard.patience} non-finite or exploding losses in a row"
-                        _warn_non_finite(f"epoch {epoch}, step {history.steps}", history, what)
                         break
-                    history.skipped = guard.skipped
                     if take:
                         if clip is not None:
                             nn.utils.clip_grad_norm_(params, clip)

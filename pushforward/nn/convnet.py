@@ -122,9 +122,9 @@ class ConvResNet(nn.Module):
             context_channels = self.context_shape[0]
         width = check_positive_int(hidden, "hidden")
         self.input = nn.Conv2d(len(read) + context_channels, width, 3, padding=1)
-        kernel = check_positive_int(kernel, "kernel")
-        if kernel % 2 == 0:
-            raise PushforwardError(f"kernel must be odd (same-size convolutions), got {kernel}")
+        if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
+            # odd: same-size convolutions
+            raise PushforwardError(f"kernel must be a positive odd integer, got {kernel!r}")
         self.blocks = nn.ModuleList(_Block(width, kernel) for _ in range(blocks))
         self.output = nn.Conv2d(width, self.out_channels * self.heads, 3, padding=1)
         with torch.no_grad():
