@@ -40,6 +40,15 @@ _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
     "silu": F.silu,
 }
+#: in-place forms, applied to a freshly computed pre-activation (no autograd node saves it):
+#: one buffer fewer per layer, and memory that is already mapped
+_ACTIVATIONS_INPLACE: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": torch.relu_,
+    "tanh": torch.tanh_,
+    "elu": lambda h: F.elu(h, inplace=True),
+    "gelu": F.gelu,
+    "silu": lambda h: F.silu(h, inplace=True),
+}
 
 
 def hidden_degrees(features: int, width: int, conditional: bool = False) -> Tensor:
@@ -177,6 +186,7 @@ class MADE(nn.Module):
             )
         self.activation = activation
         self._act = _ACTIVATIONS[activation]
+        self._act_fresh = _ACTIVATIONS_INPLACE[activation]
         self.register_buffer("order", _make_order(order, d, seed))
 
         # The network as a list of stages; state 0 is the input, state s + 1 the output of
@@ -215,6 +225,17 @@ class MADE(nn.Module):
         self.output = nn.Linear(widths_of[-1], d * self.heads)
         self._stages = tuple(stages)
         self._widths = tuple(widths_of)
+        # the states each stage's forward can let go of (their last reader): without gradient
+        # their memory is reused at once instead of new pages being touched
+        last = {}
+        for j, st in enumerate(stages):
+            for s in (st.src, st.skip):
+                if s is not None:
+                    last[s] = j
+        self._release = tuple(
+            tuple(s for s, j_last in last.items() if j_last == j and s > 0)
+            for j in range(len(stages))
+        )
         self._build_masks()
         self.register_load_state_dict_post_hook(_rebuild_masks)
 
@@ -285,10 +306,12 @@ class MADE(nn.Module):
         """All outputs in one parallel pass: ``(*batch, features) -> (*batch, features, heads)``."""
         check_features(x, self.features)
         c = check_context(context, self.context_features, x.shape[:-1])
-        states = [x]
-        for st in self._stages:
+        states: list[Tensor | None] = [x]
+        for st, release in zip(self._stages, self._release):
             if st.layer is None:
                 states.append(self._act(states[st.src]))
+                for s in release:
+                    states[s] = None
                 continue
             layer, mask = self.layers[st.layer], getattr(self, f"mask{st.layer}")
             blocks = self._blocks.get(st.layer)
@@ -302,7 +325,11 @@ class MADE(nn.Module):
                 h = h + F.linear(c, self.context_layers[st.context].weight)
             if st.skip is not None:
                 h = h + states[st.skip]
-            states.append(self._act(h) if st.act else h)
+            for s in release:
+                states[s] = None
+            if st.act:  # in place, unless h is a view (of a >2-D product)
+                h = self._act(h) if h._base is not None else self._act_fresh(h)
+            states.append(h)
         if self._output_blocks is None:
             out = F.linear(states[-1], self.output.weight * self.mask_output, self.output.bias)
         else:
@@ -469,7 +496,8 @@ class _BlockTriangularLinear(torch.autograd.Function):
         ctx.blocks = blocks
         ctx.batch_shape = h.shape[:-1]
         ctx.save_for_backward(h, weight, mask, *masked)  # h itself: graph-connected
-        return out.reshape(*h.shape[:-1], weight.shape[0])
+        # not a view for a 2-D input (the common case), so the caller may activate in place
+        return out if h.dim() == 2 else out.reshape(*h.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
