@@ -40,6 +40,13 @@ _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
     "silu": F.silu,
 }
+#: without gradient, :meth:`MADE.autoregress` callers run large batches in row chunks whose
+#: widest hidden state takes about this many bytes. Each of the d steps re-reads a prefix of
+#: every state with a product only a few rows tall; a state that stays in the cache makes
+#: those reads cheap. MAF d=43 (2x512), 10,000 samples, 2 threads, AMD EPYC (32 MB L3):
+#: chunks of 1,667 rows took 1,293 ms (median of 5) against 1,467 ms in one piece.
+AUTOREGRESS_CHUNK_BYTES = 3_400_000
+
 #: in-place forms, applied to a freshly computed pre-activation (no autograd node saves it):
 #: one buffer fewer per layer, and memory that is already mapped
 _ACTIVATIONS_INPLACE: dict[str, Callable[[Tensor], Tensor]] = {
@@ -295,6 +302,12 @@ class MADE(nn.Module):
             self.input_degrees, self.heads, degrees[-1], self._block_size
         )
 
+    def autoregress_rows(self, dtype: torch.dtype = torch.float32) -> int:
+        """Rows per chunk for :meth:`autoregress` without gradient (see
+        ``AUTOREGRESS_CHUNK_BYTES``); at least 256, so the per-step overhead stays small."""
+        item = torch.empty((), dtype=dtype).element_size()
+        return max(256, AUTOREGRESS_CHUNK_BYTES // (item * max(self._widths)))
+
     def masked_weights(self) -> tuple[list[Tensor], Tensor]:
         """The masked weight of every hidden layer and of the output layer (one product each)."""
         hidden = [layer.weight * getattr(self, f"mask{i}") for i, layer in enumerate(self.layers)]
@@ -395,7 +408,9 @@ class MADE(nn.Module):
         ks = torch.arange(d + 2, device=device)
         sorted_degrees = [torch.arange(1, d + 1, device=device)] + self.degrees[1:]
         bounds = [torch.searchsorted(g, ks).tolist() for g in sorted_degrees]
-        states = [torch.zeros(w, batch, dtype=dtype, device=device) for w in self._widths]
+        # step k reads only units of degree <= k, written by then: no zero fill needed in place
+        alloc = torch.zeros if track else torch.empty
+        states = [alloc(w, batch, dtype=dtype, device=device) for w in self._widths]
         last = len(states) - 1
 
         def write(s: int, lo: int, hi: int, value: Tensor) -> None:

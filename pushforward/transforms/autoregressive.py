@@ -127,6 +127,22 @@ class MaskedAutoregressive(Transform):
         batch = z.shape[:-1]
         zf = z.reshape(-1, self.features)
         cf = None if c is None else c.reshape(zf.shape[0], -1)
+        n = zf.shape[0]
+        # without gradient, large batches in cache-sized row chunks (MADE.autoregress_rows)
+        rows = n if torch.is_grad_enabled() else self.made.autoregress_rows(zf.dtype)
+        if n <= rows:
+            x, ladj = self._autoregress(zf, cf)
+        else:
+            parts = [
+                self._autoregress(zf[i : i + rows], None if cf is None else cf[i : i + rows])
+                for i in range(0, n, rows)
+            ]
+            x, ladj = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return x.reshape(z.shape), ladj.reshape(batch)
+
+    def _autoregress(self, zf: Tensor, cf: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``forward`` of rows ``zf`` (``(n, d)``): the inputs one at a time, and the summed
+        log-determinants."""
         lads: list[Tensor] = []
 
         def step(i: int, params: Tensor) -> Tensor:
@@ -135,8 +151,7 @@ class MaskedAutoregressive(Transform):
             return xi
 
         x = self.made.autoregress(step, zf.shape[0], cf)
-        ladj = torch.cat(lads, -1).sum(-1)
-        return x.reshape(z.shape), ladj.reshape(batch)
+        return x, torch.cat(lads, -1).sum(-1)
 
     def forward_reference(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """:meth:`forward` by :math:`d` full passes of the network (after pass :math:`k` the
