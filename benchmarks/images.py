@@ -157,6 +157,7 @@ def _save(
         meta["average_updates"] = average.updates
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
+    tensors = {k: v.contiguous() for k, v in tensors.items()}  # channels-last moments
     save_file(tensors, str(tmp), metadata={"benchmark": json.dumps(meta)})
     tmp.replace(path)
 

@@ -904,6 +904,9 @@ class _Checkpoint:
         }
         text = json.dumps(meta)
         self.folder.mkdir(parents=True, exist_ok=True)
+        # contiguous: safetensors stores plain row-major tensors (convolution weights and their
+        # optimizer moments may be channels-last)
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
         write_atomic(self.path, save(tensors, metadata={"pushforward": text}))
         readable = json.dumps({k: v for k, v in meta.items() if k not in ("rng", "epoch_rng")})
         write_atomic(self.folder / CHECKPOINT_JSON, (readable + "\n").encode())
