@@ -237,6 +237,10 @@ def _orders(features: int, layers: int, permutation: str, seed: int = 0) -> list
 
 
 def _check_hidden(hidden) -> tuple[int, ...]:
+    """``hidden`` as a tuple of positive widths; a bare integer is one width (``hidden=64``, as
+    the CLI parses ``--posterior-option hidden=64``)."""
+    if isinstance(hidden, int) and not isinstance(hidden, bool):
+        hidden = (hidden,)
     try:
         widths = tuple(int(h) for h in hidden)
     except (TypeError, ValueError):

@@ -91,10 +91,15 @@ def test_unknown_permutation() -> None:
         flows.build("maf", 3, permutation="sorted")
 
 
-@pytest.mark.parametrize("hidden", [(), (16, 0), "wide", (1.5,)], ids=str)
+@pytest.mark.parametrize("hidden", [(), (16, 0), "wide", (1.5,), 0, True], ids=str)
 def test_bad_hidden(hidden) -> None:
     with pytest.raises(PushforwardError, match="option hidden must be"):
         flows.build("maf", 3, hidden=hidden)
+
+
+def test_a_bare_integer_hidden_is_one_width() -> None:
+    one, tup = flows.build("maf", 3, hidden=16), flows.build("maf", 3, hidden=(16,))
+    assert [p.shape for p in one.parameters()] == [p.shape for p in tup.parameters()]
 
 
 def test_orders_alternate_between_layers() -> None:
