@@ -257,7 +257,10 @@ class MADEMoG(Base):
         c = None if context is None else context.reshape(n, -1)
         eps = torch.randn(n, d, **self._like())
         pick = torch.rand(n, d, **self._like())
+        x = self.made.in_row_chunks(self._autoregress, eps, pick, c)
+        return x.reshape(*shape, d)
 
+    def _autoregress(self, eps: Tensor, pick: Tensor, c: Tensor | None) -> Tensor:
         def step(i: int, params: Tensor) -> Tensor:
             log_pi, loc, log_s = self._split(params)
             # inverse-CDF choice of the component from a uniform (no generator calls per step)
@@ -269,7 +272,7 @@ class MADEMoG(Base):
             sigma = log_s.gather(-1, idx).squeeze(-1).exp()
             return mu + sigma * eps[:, i]
 
-        return self.made.autoregress(step, n, c).reshape(*shape, d)
+        return self.made.autoregress(step, eps.shape[0], c)
 
 
 class Flow(nn.Module):

@@ -23,7 +23,7 @@ computed from prefix slices of the layer before.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -307,6 +307,23 @@ class MADE(nn.Module):
         ``AUTOREGRESS_CHUNK_BYTES``); at least 256, so the per-step overhead stays small."""
         item = torch.empty((), dtype=dtype).element_size()
         return max(256, AUTOREGRESS_CHUNK_BYTES // (item * max(self._widths)))
+
+    def in_row_chunks(self, fn: Callable[..., Any], *rows: Tensor | None) -> Any:
+        """``fn(*rows)``, or, without gradient and for more rows than :meth:`autoregress_rows`,
+        ``fn`` on successive row chunks of ``rows`` (tensors of equal first dimension; None
+        passes through) with the results (a tensor or a tuple of tensors) concatenated: how
+        callers of :meth:`autoregress` sample large batches."""
+        first = next(r for r in rows if r is not None)
+        n = first.shape[0]
+        size = n if torch.is_grad_enabled() else self.autoregress_rows(first.dtype)
+        if n <= size:
+            return fn(*rows)
+        outs = [
+            fn(*(None if r is None else r[i : i + size] for r in rows)) for i in range(0, n, size)
+        ]
+        if isinstance(outs[0], tuple):
+            return tuple(torch.cat(parts) for parts in zip(*outs))
+        return torch.cat(outs)
 
     def masked_weights(self) -> tuple[list[Tensor], Tensor]:
         """The masked weight of every hidden layer and of the output layer (one product each)."""

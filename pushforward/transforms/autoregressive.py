@@ -127,17 +127,7 @@ class MaskedAutoregressive(Transform):
         batch = z.shape[:-1]
         zf = z.reshape(-1, self.features)
         cf = None if c is None else c.reshape(zf.shape[0], -1)
-        n = zf.shape[0]
-        # without gradient, large batches in cache-sized row chunks (MADE.autoregress_rows)
-        rows = n if torch.is_grad_enabled() else self.made.autoregress_rows(zf.dtype)
-        if n <= rows:
-            x, ladj = self._autoregress(zf, cf)
-        else:
-            parts = [
-                self._autoregress(zf[i : i + rows], None if cf is None else cf[i : i + rows])
-                for i in range(0, n, rows)
-            ]
-            x, ladj = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        x, ladj = self.made.in_row_chunks(self._autoregress, zf, cf)
         return x.reshape(z.shape), ladj.reshape(batch)
 
     def _autoregress(self, zf: Tensor, cf: Tensor | None) -> tuple[Tensor, Tensor]:
