@@ -417,7 +417,7 @@ def test_coupling_recipe_errors_name_the_option() -> None:
     with pytest.raises(PushforwardError, match="widths must be equal, got \\(32, 16\\)"):
         flows.build("nsf-coupling", 3, hidden=(32, 16))
     with pytest.raises(PushforwardError, match="option hidden must be a sequence of positive"):
-        flows.build("realnvp", 3, hidden=64)
+        flows.build("realnvp", 3, hidden="wide")
     with pytest.raises(PushforwardError, match="option batch_norm must be True or False"):
         flows.build("realnvp", 3, batch_norm="yes")
     with pytest.raises(PushforwardError, match="option layers must be a positive integer"):
