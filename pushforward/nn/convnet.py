@@ -50,12 +50,6 @@ class _Block(nn.Module):
 
 
 class ConvResNet(nn.Module):
-    #: weights and activations in channels-last layout (NHWC), which oneDNN's CPU convolutions
-    #: prefer: a Glow training step (defaults, 64 MNIST images, 2 threads, AMD EPYC) took 405 ms
-    #: against 464 ms (median of 6, interleaved); RealNVP-image steps were even (1,002 / 1,017
-    #: ms). Checkpoints store plain contiguous tensors either way.
-    channels_last = True
-
     """Convolutional ResNet mapping images ``(*batch, C, H, W)`` (and an optional context) to
     ``heads`` parameters per entry, ``(*batch, C_out, H, W, heads)``.
 
@@ -85,6 +79,12 @@ class ConvResNet(nn.Module):
         >>> net(torch.randn(5, 2, 4, 4)).shape
         torch.Size([5, 2, 4, 4, 2])
     """
+
+    #: weights and activations in channels-last layout (NHWC), which oneDNN's CPU convolutions
+    #: prefer: a Glow training step (defaults, 64 MNIST images, 2 threads, AMD EPYC) took 405 ms
+    #: against 464 ms (median of 6, interleaved); RealNVP-image steps were even (1,002 / 1,017
+    #: ms). Checkpoints store plain contiguous tensors either way.
+    channels_last = True
 
     def __init__(
         self,

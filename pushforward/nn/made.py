@@ -305,8 +305,7 @@ class MADE(nn.Module):
     def autoregress_rows(self, dtype: torch.dtype = torch.float32) -> int:
         """Rows per chunk for :meth:`autoregress` without gradient (see
         ``AUTOREGRESS_CHUNK_BYTES``); at least 256, so the per-step overhead stays small."""
-        item = torch.empty((), dtype=dtype).element_size()
-        return max(256, AUTOREGRESS_CHUNK_BYTES // (item * max(self._widths)))
+        return max(256, AUTOREGRESS_CHUNK_BYTES // (dtype.itemsize * max(self._widths)))
 
     def in_row_chunks(self, fn: Callable[..., Any], *rows: Tensor | None) -> Any:
         """``fn(*rows)``, or, without gradient and for more rows than :meth:`autoregress_rows`,
@@ -339,26 +338,24 @@ class MADE(nn.Module):
         states: list[Tensor | None] = [x]
         for st, release in zip(self._stages, self._release):
             if st.layer is None:
-                states.append(self._act(states[st.src]))
-                for s in release:
-                    states[s] = None
-                continue
-            layer, mask = self.layers[st.layer], getattr(self, f"mask{st.layer}")
-            blocks = self._blocks.get(st.layer)
-            if blocks is None:
-                h = F.linear(states[st.src], layer.weight * mask, layer.bias)
+                h = self._act(states[st.src])
             else:
-                h = _BlockTriangularLinear.apply(
-                    states[st.src], layer.weight, layer.bias, mask, blocks
-                )
-            if st.context is not None:
-                h = h + F.linear(c, self.context_layers[st.context].weight)
-            if st.skip is not None:
-                h = h + states[st.skip]
+                layer, mask = self.layers[st.layer], getattr(self, f"mask{st.layer}")
+                blocks = self._blocks.get(st.layer)
+                if blocks is None:
+                    h = F.linear(states[st.src], layer.weight * mask, layer.bias)
+                else:
+                    h = _BlockTriangularLinear.apply(
+                        states[st.src], layer.weight, layer.bias, mask, blocks
+                    )
+                if st.context is not None:
+                    h = h + F.linear(c, self.context_layers[st.context].weight)
+                if st.skip is not None:
+                    h = h + states[st.skip]
+                if st.act:  # in place, unless h is a view (of a >2-D product)
+                    h = self._act(h) if h._base is not None else self._act_fresh(h)
             for s in release:
                 states[s] = None
-            if st.act:  # in place, unless h is a view (of a >2-D product)
-                h = self._act(h) if h._base is not None else self._act_fresh(h)
             states.append(h)
         if self._output_blocks is None:
             out = F.linear(states[-1], self.output.weight * self.mask_output, self.output.bias)
