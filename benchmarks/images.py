@@ -25,7 +25,8 @@ Adam's state in safetensors, the rest as JSON metadata; nothing is pickled) and 
 ``--resume``: a run interrupted in one session finishes in the next.
 
 The models: pushforward's registered ``glow`` and ``realnvp-image`` with the options of
-``image_peers.MODELS`` (sizes chosen to train on a CPU), and the same architectures built in
+``image_peers.MODELS`` (sizes chosen to train on a CPU; ``--options`` overrides them with a
+JSON object, e.g. ``'{"logit": 0.05}'``), and the same architectures built in
 nflows by ``image_peers.py`` (its docstring lists how they line up). Before training, the
 script times one training step (forward, backward, Adam) on a batch of ``--step-batch`` 28x28
 images for every library and model (median of ``--step-repeats``), and after training the
@@ -337,6 +338,16 @@ def table(runs: list[Run]) -> str:
     return "\n".join(rows)
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS))
@@ -356,6 +367,13 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="also evaluate an exponential moving average of the weights with this decay "
         "(e.g. 0.999; 0: off)",
+    )
+    p.add_argument(
+        "--options",
+        type=_json_object,
+        default={},
+        help="JSON object of recipe options over image_peers.MODELS, "
+        "e.g. '{\"split_prior\": true}'",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -395,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         for lib in libs:
             torch.manual_seed(a.seed)
             try:
-                built = image_peers.build(lib, model, SHAPE)
+                built = image_peers.build(lib, model, SHAPE, a.options)
             except Exception as e:  # a peer that cannot build the model: say so, go on
                 print(f"  {lib} {model}: n/a ({e})", flush=True)
                 continue
@@ -404,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                 times = image_peers.step_time(built, data.valid[: a.step_batch], a.step_repeats)
                 step_ms = 1000 * statistics.median(times)
                 torch.manual_seed(a.seed)  # the timing steps changed the weights: start again
-                built = image_peers.build(lib, model, SHAPE)
+                built = image_peers.build(lib, model, SHAPE, a.options)
                 print(
                     f"  {lib} {model}: {built.parameters:,} parameters, step {step_ms:.1f} ms",
                     flush=True,

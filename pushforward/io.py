@@ -5,7 +5,7 @@ A model directory holds
 * ``model.safetensors``: the :class:`~pushforward.distributions.Flow`'s ``state_dict``;
 * ``config.json``: how to rebuild it, e.g.::
 
-      {"format": "pushforward", "format_version": 2, "library_version": "0.1.0",
+      {"format": "pushforward", "format_version": 3, "library_version": "0.1.0",
        "flow": "maf", "features": 2, "context_features": 0, "options": {"layers": 5},
        "scaling": {"loc": [0.5, 0.2], "scale": [0.9, 0.5]}, "data": "moons", "seed": 0}
 
@@ -13,7 +13,8 @@ A model directory holds
   adds and :func:`load_model` verifies (other keys are free extras, kept as they are).
   ``options`` lists only the options given; when a recipe's default changes, the format
   version goes up and an older config gets the former default (format 1 -> 2: the image
-  flows' ``scale_bound`` became ``(log 2, 5)``; format-1 configs load with ``5``);
+  flows' ``scale_bound`` became ``(log 2, 5)``; format-1 configs load with ``5``; 2 -> 3:
+  their ``logit`` margin went from 0.05 to 1e-6, and format-2 configs load with 0.05);
 * ``metrics.json``: what the command line measured (written by :mod:`pushforward.cli`).
 
 Nothing is ever unpickled: weights are read with ``safetensors`` and configs with ``json``. Each
@@ -68,12 +69,13 @@ __all__ = [
 
 FORMAT = "pushforward"
 #: the newest config format this version reads and the one it writes
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: recipe defaults that changed after a format version, ``{version: {flow: {option: old}}}``:
 #: a config of that version or older that omits the option gets the old value, so a saved
 #: model always rebuilds as it was trained
 _FORMER_DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
     1: {"glow": {"scale_bound": 5.0}, "realnvp-image": {"scale_bound": 5.0}},
+    2: {"glow": {"logit": 0.05}, "realnvp-image": {"logit": 0.05}},
 }
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

@@ -56,14 +56,15 @@ def vector_model(tmp_path_factory: pytest.TempPathFactory):
 
 def test_small_glow_beats_the_gaussian_baseline_on_digits(digits_model) -> None:
     """A Glow of 2 levels x 2 steps (1 residual block of 16 channels), 5 epochs of batches of
-    64 (105 steps, lr 3e-3, seed 0), about 5-10 s on a loaded 2-core machine, reached 2.63
-    test bits/dim in the discrete space of the 17-level digits; the diagonal Gaussian fitted
-    by maximum likelihood to the dequantized training pixels gets 3.41 (uniform: log2 17 =
-    4.09). The bound leaves 0.4 bits/dim of margin."""
+    64 (105 steps, lr 3e-3, seed 0), about 5-20 s on a loaded 2-core machine, reached 2.40
+    test bits/dim in the discrete space of the 17-level digits (2.63 with the logit margin
+    0.05 of format-2 models); the diagonal Gaussian fitted by maximum likelihood to the
+    dequantized training pixels gets 3.41 (uniform: log2 17 = 4.09). The bound, 2.71, leaves
+    0.3 bits/dim of margin."""
     directory, metrics, _ = digits_model
     baseline = gaussian_baseline_bits_per_dim(load_digits("train"), load_digits("test"), 17)
     assert baseline == pytest.approx(3.41, abs=0.01)
-    assert metrics["test_bits_per_dim"] < baseline - 0.4, (metrics["test_bits_per_dim"], baseline)
+    assert metrics["test_bits_per_dim"] < baseline - 0.7, (metrics["test_bits_per_dim"], baseline)
     assert metrics["test_bits_per_dim"] < math.log2(17)
 
 

@@ -190,3 +190,20 @@ def test_image_flow_latent_has_the_image_shape(name: str) -> None:
     x = torch.rand(3, 1, 8, 8)
     assert flow.latent(x).shape == x.shape
     assert flow.log_prob(x).shape == (3,)
+
+
+def test_glow_split_prior() -> None:
+    """Glow's learned prior of the factored-out channels: one more coupling per split, whose
+    network starts at zero, so the flow starts as the one without it; the checker proves it."""
+    options = {**small_options("glow"), "levels": 2, "hidden": (8,)}
+    check_flow("glow", (1, 4, 4), 0, **options, split_prior=True)
+    check_flow("glow", (2, 4, 4), 2, **options, split_prior=True)
+    torch.manual_seed(0)
+    plain = flows.build("glow", (1, 8, 8), **options)
+    torch.manual_seed(0)
+    split = flows.build("glow", (1, 8, 8), **options, split_prior=True)
+    x = torch.rand(5, 1, 8, 8)
+    assert len(split.state_dict()) > len(plain.state_dict())
+    torch.testing.assert_close(split.log_prob(x), plain.log_prob(x))
+    with pytest.raises(PushforwardError, match="option split_prior must be True or False"):
+        flows.build("glow", (1, 8, 8), split_prior=1)

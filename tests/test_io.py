@@ -239,3 +239,20 @@ def test_a_format_1_image_config_rebuilds_with_the_scale_bound_it_was_trained_wi
     assert bounds({**old, "format_version": 2}) == {(math.log(2), 5.0)}
     old["options"]["scale_bound"] = [0.5, 3.0]
     assert bounds(old) == {(0.5, 3.0)}
+
+
+@pytest.mark.parametrize("flow", ["glow", "realnvp-image"])
+def test_a_format_2_image_config_rebuilds_with_the_logit_margin_it_was_trained_with(flow) -> None:
+    """The image flows' logit margin went from 0.05 to 1e-6 in format 3."""
+    from pushforward.transforms.elementwise import Logit
+
+    old = io.make_config(flow, [1, 4, 4], 0, {"levels": 1, "layers": 1, "hidden": [8]})
+
+    def margins(config):
+        return {m.alpha for m in io.model_from_config(config).modules() if isinstance(m, Logit)}
+
+    assert margins(old) == {1e-6}
+    for version in (1, 2):
+        assert margins({**old, "format_version": version}) == {0.05}
+    old["options"]["logit"] = 0.01
+    assert margins({**old, "format_version": 2}) == {0.01}
