@@ -969,7 +969,9 @@ def realnvp_image(
     normalisation (same role, no batch statistics at sampling time). The defaults (2 couplings
     per stage, one residual block of 64 channels: 538k parameters at 1x28x28; the paper uses 3
     and 8 blocks) keep a step on 64 MNIST images under a second on one CPU core. ``scale`` and
-    ``scale_bound``, ``kernel``, ``logit``: as for ``glow``."""
+    ``scale_bound``, ``kernel``, ``logit``: as for ``glow`` (MNIST, 300 s of training, one
+    thread, lr 3e-3 with a cosine decay: test bits/dim on 2,000 test images 1.3931 with the
+    default logit margin 1e-6, 2.3306 with 0.05)."""
     return _image_flow(
         _realnvp_level, features, context_features, levels, layers, (hidden, kernel), logit,
         base, scale, scale_bound,
