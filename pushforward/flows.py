@@ -134,6 +134,12 @@ def _check_positive(name: str, value: int) -> int:
     return value
 
 
+def _check_bool(name: str, value: bool) -> bool:
+    if not isinstance(value, bool):
+        raise PushforwardError(f"option {name} must be True or False, got {value!r}")
+    return value
+
+
 # ---------------------------------------------------------------------------------------------
 # Recipes. Each returns a Flow; options are keyword-only with their best general defaults.
 
@@ -582,8 +588,7 @@ def realnvp(
 
     k = _check_positive("layers", layers)
     h = _check_hidden(hidden)
-    if not isinstance(batch_norm, bool):
-        raise PushforwardError(f"option batch_norm must be True or False, got {batch_norm!r}")
+    _check_bool("batch_norm", batch_norm)
     parts: list[Transform] = []
     for i in range(k):
         if batch_norm and i:
@@ -905,9 +910,7 @@ def glow(
     default: on MNIST (600 s of training, one thread, lr 3e-3 with a cosine decay, batch 64)
     it reached 1.5430 test bits/dim on 2,000 test images against 1.5147 without it, its steps
     5% slower (``benchmarks/images.py --options '{"split_prior": true}'``)."""
-    if not isinstance(split_prior, bool):
-        raise PushforwardError(f"option split_prior must be True or False, got {split_prior!r}")
-    level = functools.partial(_glow_level, split_prior=split_prior)
+    level = functools.partial(_glow_level, split_prior=_check_bool("split_prior", split_prior))
     return _image_flow(
         level, features, context_features, levels, layers, (hidden, kernel), logit, base, scale,
         scale_bound,

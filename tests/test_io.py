@@ -220,6 +220,11 @@ def test_no_pickle_anywhere() -> None:
         assert "allow_pickle=True" not in text
 
 
+def _rebuilt(config: dict, kind: type, value) -> set:
+    """``value`` of every module of type ``kind`` in the flow that ``config`` rebuilds."""
+    return {value(m) for m in io.model_from_config(config).modules() if isinstance(m, kind)}
+
+
 @pytest.mark.parametrize("flow", ["glow", "realnvp-image"])
 def test_a_format_1_image_config_rebuilds_with_the_scale_bound_it_was_trained_with(flow) -> None:
     """The image flows' couplings got an asymmetric scale clamp in format 2; an old config
@@ -228,12 +233,7 @@ def test_a_format_1_image_config_rebuilds_with_the_scale_bound_it_was_trained_wi
     old["format_version"] = 1
 
     def bounds(config):
-        flow = io.model_from_config(config)
-        return {
-            (m.lower_bound, m.scale_bound)
-            for m in flow.modules()
-            if isinstance(m, AffineTransformer)
-        }
+        return _rebuilt(config, AffineTransformer, lambda m: (m.lower_bound, m.scale_bound))
 
     assert bounds(old) == {(5.0, 5.0)}
     assert bounds({**old, "format_version": 2}) == {(math.log(2), 5.0)}
@@ -249,7 +249,7 @@ def test_a_format_2_image_config_rebuilds_with_the_logit_margin_it_was_trained_w
     old = io.make_config(flow, [1, 4, 4], 0, {"levels": 1, "layers": 1, "hidden": [8]})
 
     def margins(config):
-        return {m.alpha for m in io.model_from_config(config).modules() if isinstance(m, Logit)}
+        return _rebuilt(config, Logit, lambda m: m.alpha)
 
     assert margins(old) == {1e-6}
     for version in (1, 2):

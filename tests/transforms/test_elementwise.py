@@ -221,7 +221,7 @@ def test_logit_of_the_image_flows_margin_is_accurate_in_float32() -> None:
     k = torch.cat([torch.zeros(20_000), torch.full((20_000,), 255.0)])
     z = ((k + torch.rand(len(k), generator=g)) / 256).unsqueeze(-1)
     x32, ladj32 = t(z)
-    x64, ladj64 = t.double()(z.double())
+    ladj64 = t.double()(z.double())[1]
     error = ladj32.double() - ladj64
     assert error[:20_000].abs().max() < 1e-5  # dark pixels: exact to float32
     assert error.abs().max() < 0.03 and abs(error.mean()) < 2e-4
