@@ -381,9 +381,7 @@ def nsf(
         permutation,
         batch_norm,
     )
-    if not isinstance(affine, bool):
-        raise PushforwardError(f"option affine must be true or false, got {affine!r}")
-    if affine:
+    if _check_bool("affine", affine):
         widths = _check_hidden(hidden)
         t = Compose(
             t, MaskedAutoregressive(features, AffineTransformer(), context_features, widths)
