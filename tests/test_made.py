@@ -13,7 +13,7 @@ import torch
 import pushforward.nn.made as made_module
 from pushforward.core import PushforwardError
 from pushforward.nn import MADE
-from pushforward.nn.made import _BlockTriangularLinear, hidden_degrees
+from pushforward.nn.made import BLOCK_WEIGHTS, _BlockTriangularLinear, hidden_degrees
 from tests.checks import perturb_parameters
 
 F64 = torch.float64
@@ -175,6 +175,22 @@ def test_block_groups_cut_at_degree_boundaries() -> None:
         assert torch.all(made.mask1[lo:hi, :q] == 1) and torch.all(made.mask1[lo:hi, p:] == 0)
     made.block_size = 1000
     assert made._blocks == {}
+
+
+def test_default_groups_hold_about_block_weights_weights() -> None:
+    # None: about 2**16 weights per group, so the rows per group follow the input width
+    wide, narrow = MADE(6, (512, 512), heads=23), MADE(6, (256, 256), heads=23)
+    assert wide.block_size is None and BLOCK_WEIGHTS == 2**16
+    assert len(wide._blocks[1]) == 4  # 128-row groups of a 512-wide layer
+    assert narrow._blocks == {}  # a 256-wide layer is one 256-row group: dense
+    assert narrow._output_blocks is None  # 11 inputs (256 rows) per group cover all 6
+    assert len(MADE(43, (256, 256), heads=23)._output_blocks) == 4
+    narrow.block_size = 128  # an explicit size counts rows, whatever the width
+    assert len(narrow._blocks[1]) == 2
+    narrow.block_size = None
+    assert narrow._blocks == {}
+    with pytest.raises(PushforwardError, match="block_size"):
+        MADE(6, (20, 20), block_size=0)
 
 
 def test_block_triangular_function_gradcheck_and_gradgradcheck() -> None:

@@ -47,6 +47,14 @@ _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 #: chunks of 1,667 rows took 1,293 ms (median of 5) against 1,467 ms in one piece.
 AUTOREGRESS_CHUNK_BYTES = 3_400_000
 
+#: weights per row group of the block-triangular evaluation with the default ``block_size``
+#: (``None``): a layer reading ``w`` inputs is cut into groups of about ``2**16 / w`` rows
+#: (128 at ``w = 512``, 256 at ``w = 256``). Smaller groups cost more in per-call overhead
+#: than the work they skip: on 2 CPU threads (``benchmarks/made_blocks.py``) the 256-wide MADE
+#: of the NSF benchmark at d = 6 ran 7% slower (forward + backward) in groups of 128 rows than
+#: as one dense product, while 512-wide ones ran 9-10% faster in groups of 128
+BLOCK_WEIGHTS = 2**16
+
 #: in-place forms, applied to a freshly computed pre-activation (no autograd node saves it):
 #: one buffer fewer per layer, and memory that is already mapped
 _ACTIVATIONS_INPLACE: dict[str, Callable[[Tensor], Tensor]] = {
@@ -120,12 +128,14 @@ class MADE(nn.Module):
     Cost: :meth:`forward` is one pass. Masks are applied as one ``weight * mask`` product per
     layer per call, and hidden-to-hidden layers, whose masks are block lower-triangular
     because hidden units are sorted by degree, are evaluated in about ``w / block_size`` row
-    groups that skip the zero blocks: with the default ``block_size`` a 512-wide layer does
-    5/8 of the dense product's work, forward and backward, so a MADE trains slightly faster
-    than the unmasked MLP of the same shapes. The output layer, whose rows follow the inputs,
-    is split likewise into runs of consecutive inputs (about ``block_size`` rows each) where
-    the order is natural or reversed (the orders of the registered flows): with many heads
-    (a spline's ``3K - 1`` parameters per input) it is the widest layer, and this halves it.
+    groups that skip the zero blocks (by default groups of about ``BLOCK_WEIGHTS = 2**16``
+    weights, where smaller ones cost more in per-call overhead than they skip): a 512-wide
+    layer, in four groups, does 5/8 of the dense product's work, forward and backward, so a
+    MADE trains slightly faster than the unmasked MLP of the same shapes. The output layer,
+    whose rows follow the inputs, is split likewise into runs of consecutive inputs (about
+    ``block_size`` rows each) where the order is natural or reversed (the orders of the
+    registered flows): with many heads (a spline's ``3K - 1`` parameters per input) it is the
+    widest layer, and this halves it.
     :meth:`autoregress`, the sequential evaluation that samples a MAF, does the
     matrix-multiply work of about half a dense pass, in :math:`d` steps of a few small
     operations per layer.
@@ -141,8 +151,9 @@ class MADE(nn.Module):
         residual: use residual blocks.
         activation: ``"relu"``, ``"tanh"``, ``"elu"``, ``"gelu"`` or ``"silu"``.
         seed: seed of the random ordering (the weights use torch's global generator).
-        block_size: rows per group of the block-triangular evaluation (see above); any value
-            gives the same outputs and gradients.
+        block_size: rows per group of the block-triangular evaluation (see above); ``None``:
+            about ``BLOCK_WEIGHTS / v`` rows for a layer reading ``v`` inputs. Any value gives
+            the same outputs and gradients.
 
     References:
         Germain, Gregor, Murray and Larochelle (2015), "MADE: Masked autoencoder for
@@ -170,11 +181,11 @@ class MADE(nn.Module):
         residual: bool = False,
         activation: str = "relu",
         seed: int = 0,
-        block_size: int = 128,
+        block_size: int | None = None,
     ):
         super().__init__()
         self.features = d = check_positive_int(features, "features")
-        self._block_size = check_positive_int(block_size, "block_size")
+        self._block_size = _check_block_size(block_size)
         self.heads = check_positive_int(heads, "heads")
         if isinstance(context_features, bool) or int(context_features) != context_features:
             raise PushforwardError(f"context_features must be an integer, got {context_features!r}")
@@ -249,16 +260,23 @@ class MADE(nn.Module):
     # -- degrees and masks ---------------------------------------------------------------------
 
     @property
-    def block_size(self) -> int:
+    def block_size(self) -> int | None:
         """Rows per group in the block-triangular evaluation of hidden-to-hidden layers and of
         the output layer (a layer of width ``w`` is split into about ``w / block_size`` groups;
-        one group is the plain dense masked product). Setting it regroups the layers."""
+        one group is the plain dense masked product); ``None``: about ``BLOCK_WEIGHTS / v``
+        rows for a layer reading ``v`` inputs. Setting it regroups the layers."""
         return self._block_size
 
     @block_size.setter
-    def block_size(self, value: int) -> None:
-        self._block_size = check_positive_int(value, "block_size")
+    def block_size(self, value: int | None) -> None:
+        self._block_size = _check_block_size(value)
         self._build_masks()
+
+    def _group_rows(self, inputs: int) -> int:
+        """Rows per group of a layer reading ``inputs`` inputs (see :attr:`block_size`)."""
+        if self._block_size is not None:
+            return self._block_size
+        return max(1, round(BLOCK_WEIGHTS / max(1, inputs)))
 
     @property
     def input_degrees(self) -> Tensor:
@@ -293,13 +311,14 @@ class MADE(nn.Module):
             mask = degrees[j + 1][:, None] >= degrees[st.src][None, :]
             self.register_buffer(f"mask{st.layer}", mask.to(dtype), persistent=False)
             if st.src > 0:  # hidden to hidden: both sides sorted by degree
-                blocks = _row_blocks(degrees[j + 1], degrees[st.src], self._block_size)
+                rows = self._group_rows(len(degrees[st.src]))
+                blocks = _row_blocks(degrees[j + 1], degrees[st.src], rows)
                 if len(blocks) > 1:
                     self._blocks[st.layer] = blocks
         mask = self.output_degrees[:, None] > degrees[-1][None, :]
         self.register_buffer("mask_output", mask.to(dtype), persistent=False)
         self._output_blocks = _feature_blocks(
-            self.input_degrees, self.heads, degrees[-1], self._block_size
+            self.input_degrees, self.heads, degrees[-1], self._group_rows(len(degrees[-1]))
         )
 
     def autoregress_rows(self, dtype: torch.dtype = torch.float32) -> int:
@@ -453,6 +472,10 @@ class MADE(nn.Module):
             value = step(features[k], params.transpose(0, 1))
             write(0, k, k + 1, value.reshape(1, batch).to(dtype))
         return states[0].transpose(0, 1)[:, self.order]
+
+
+def _check_block_size(value: int | None) -> int | None:
+    return None if value is None else check_positive_int(value, "block_size")
 
 
 def _row_blocks(
