@@ -222,6 +222,26 @@ def test_extremes_float32(inverse):
     assert err.max() < 1e-4
 
 
+@pytest.mark.parametrize("inverse", [False, True])
+def test_inputs_on_the_knots_of_steep_bins_stay_finite_in_float32(inverse):
+    # float32 inputs exactly on (and one ulp either side of) the interior knots, with knot
+    # derivatives near 1e5: rounding can put the unit input a hair outside the bin it was
+    # found in, which with such steep knots once made the forward map's denominator negative
+    g = torch.Generator().manual_seed(1)
+    n, bins = 2000, 8
+    u = torch.randn(n, 3 * bins - 1, generator=g) * 6
+    u[:, 2 * bins :] = torch.rand(n, bins - 1, generator=g) * 1e5
+    w = torch.softmax(u[:, :bins], -1) * (1 - bins * 1e-3) + 1e-3
+    knots = torch.cumsum(w, -1)[:, :-1] * 2 * B - B
+    x = torch.stack([knots, knots.nextafter(knots + 1), knots.nextafter(knots - 1)], -1)
+    x = x.reshape(n, -1)
+    p = u[:, None, :].expand(n, x.shape[1], -1)
+    y, lad = rational_quadratic_spline(
+        x, p[..., :bins], p[..., bins : 2 * bins], p[..., 2 * bins :], inverse=inverse
+    )
+    assert torch.isfinite(y).all() and torch.isfinite(lad).all()
+
+
 def test_extreme_all_equal_large_parameters():
     for dtype in (torch.float32, torch.float64):
         for value in (-1e3, 0.0, 1e3, 1e30, -1e30):

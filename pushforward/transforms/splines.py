@@ -45,6 +45,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +98,25 @@ def _permutation(bins: int, dtype: torch.dtype) -> Tensor:
     return perm
 
 
+class _Constants(NamedTuple):
+    mins: Tensor  # (2,): the minimal bin width and height, as fractions of the interval
+    free: Tensor  # (2,): 1 - K * mins, the share of the interval the softmaxes distribute
+    steps: Tensor  # (2, K - 1): mins * k for the interior knots k = 1..K-1
+    pair: Tensor  # (2,) int64: -1, 0 (bin k uses the interior derivatives k - 1 and k)
+
+
+@functools.cache
+def _constants(
+    bins: int, min_w: float, min_h: float, dtype: torch.dtype, device: torch.device
+) -> _Constants:
+    """Per-setting constant tensors, made once (never written to)."""
+    mins = torch.tensor([min_w, min_h], dtype=dtype, device=device)
+    steps = torch.arange(1, bins, dtype=dtype, device=device)
+    return _Constants(
+        mins, 1 - bins * mins, mins[:, None] * steps, torch.tensor([-1, 0], device=device)
+    )
+
+
 class _Spline(torch.autograd.Function):
     """The whole spline, ``(u, x) -> (y, lad)``, with a hand-written backward.
 
@@ -128,6 +148,7 @@ class _Spline(torch.autograd.Function):
         batch = x.shape
         ones = (1,) * len(batch)
         dtype, device = u.dtype, u.device
+        c = _constants(bins, min_w, min_h, dtype, device)
         xi = (x.clamp(-bound, bound) + bound) * (0.5 / bound)
         # unnormalised bin sizes e = exp(theta - shift) and their exclusive cumulative sums,
         # contiguous and bin-major, (bin, width or height, *batch), whatever the layout of u,
@@ -167,30 +188,30 @@ class _Spline(torch.autograd.Function):
             safe = 0.4 * -math.log(torch.finfo(dtype).tiny)
             if not (math.exp(-safe) < float(lo) and float(hi) < math.exp(safe)):
                 total = normalise(True)
-        mins = torch.tensor([min_w, min_h], dtype=dtype, device=device).view(2, *ones)
-        scale = (1 - bins * mins) / total  # knot_k = min * k + scale * cum_k
+        mins = c.mins.view(2, *ones)
+        scale = c.free.view(2, *ones) / total  # knot_k = min * k + scale * cum_k
         # bin index: the number of interior knots at or below xi (searched on the input
         # knots for the forward map, on the output knots for the inverse)
         row = int(inverse)
-        steps = torch.arange(1, bins, dtype=dtype, device=device).view(bins - 1, *ones)
         # below[j] = [j < index], as numbers (the backward needs them); the last row stays 0;
         # the knots are written where the comparisons then go
         below = torch.empty((bins, *batch), dtype=dtype, device=device)
         below[-1] = 0
-        knots = torch.addcmul(steps * mins[row], cum[1:, row], scale[row], out=below[:-1])
+        steps = c.steps[row].view(bins - 1, *ones)
+        knots = torch.addcmul(steps, cum[1:, row], scale[row], out=below[:-1])
         torch.le(knots, xi, out=knots)
-        index8 = below.sum(0).to(torch.uint8)
-        index = index8.long()
+        index_f = below.sum(0)
+        index = index_f.long()
         select = index.expand(1, 2, *batch)
         e_bin = e.gather(0, select).squeeze(0)
         cum_bin = cum.gather(0, select).squeeze(0)
-        x0, y0 = torch.addcmul(mins * index8.to(dtype), cum_bin, scale).unbind(0)
+        x0, y0 = torch.addcmul(mins * index_f, cum_bin, scale).unbind(0)
         w, h = torch.addcmul(mins, e_bin, scale).unbind(0)
         # knot derivatives: softplus of the two interior ones in play, 1 at the boundaries
         if bins > 1:
             # interior derivatives k - 1 and k; interior: whether each is one (the boundary
             # knots' derivatives are fixed to 1)
-            wanted = index + torch.tensor([-1, 0], device=device).view(2, *ones)
+            wanted = index + c.pair.view(2, *ones)
             pair = wanted.clamp(0, bins - 2)
             interior = pair == wanted
             theta_d = logits_d.gather(0, pair)
@@ -223,7 +244,9 @@ class _Spline(torch.autograd.Function):
             den = torch.where(positive, b + root, 2 * a).clamp_min_(torch.finfo(dtype).tiny)
             t = (torch.where(positive, 2 * sd, root - b) / den).clamp_(0.0, 1.0)
         else:
-            t = (xi - x0) / w
+            # clamped like the root: where rounding puts xi a hair outside the bin found for
+            # it, t outside [0, 1] would make den negative next to steep knots (NaN)
+            t = ((xi - x0) / w).clamp_(0.0, 1.0)
         omt = 1 - t
         t1 = t * omt
         tt = t * t
@@ -243,7 +266,7 @@ class _Spline(torch.autograd.Function):
             u, e, below, index, total, cum_bin, e_bin, scale, theta_d, pair, interior,
             inside, t, w, h, s, d0, d1, den, numer, shape_a,
         )  # fmt: skip
-        ctx.inverse, ctx.bound = inverse, bound
+        ctx.inverse, ctx.bound, ctx.native = inverse, bound, native is not None
         return y, lad
 
     @staticmethod
@@ -324,17 +347,17 @@ class _Spline(torch.autograd.Function):
         if bins > 1:
             g_d = torch.stack([g_d0, g_d1]).mul_(torch.sigmoid(theta_d)).mul_(interior)
             grad[2 * bins :].zero_().scatter_add_(0, pair, g_d)
-        native = _native(u)
-        if native is None:
+        if not ctx.native:
             grad_u = torch.empty_like(u)
             grad_u[: 2 * bins].unflatten(0, (2, bins)).copy_(g_theta.transpose(0, 1))
             grad_u[2 * bins :].copy_(grad[2 * bins :])
             return (grad_u, grad_x, *nones)
         # the transposition back to the layout of u as a product with a permutation matrix
         # (see the forward)
-        out = torch.empty_like(native)
+        shape = u.movedim(0, -1).shape
+        out = torch.empty(shape.numel() // shape[-1], shape[-1], dtype=e.dtype, device=e.device)
         torch.mm(grad.view(3 * bins - 1, -1).t(), _permutation(bins, grad.dtype), out=out)
-        return (out.view(u.movedim(0, -1).shape).movedim(-1, 0), grad_x, *nones)
+        return (out.view(shape).movedim(-1, 0), grad_x, *nones)
 
 
 def _unconstrained(
