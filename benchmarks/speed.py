@@ -69,8 +69,8 @@ class Settings:
     train_batch: int = 512
     eval_batch: int = 10_000
     samples: int = 10_000
-    train_warmup: int = 3
-    train_repeats: int = 15
+    train_warmup: int = 10
+    train_repeats: int = 40
     eval_warmup: int = 1
     eval_repeats: int = 7
     sample_repeats: int = 3
@@ -417,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--libs", default=",".join(peers.LIBS), help="comma-separated libraries")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--quick", action="store_true", help="fewer warm-up and timed runs")
+    p.add_argument(
+        "--train-repeats", type=int, help="timed training steps per library (default 40)"
+    )
     p.add_argument("--no-sample", action="store_true", help="skip the sampling measurements")
     p.add_argument("--samples", type=int, default=10_000, help="rows per sample() call")
     p.add_argument("--seed", type=int, default=0)
@@ -432,6 +435,10 @@ def main(argv: list[str] | None = None) -> int:
         s.train_warmup, s.train_repeats = 1, 3
         s.eval_warmup, s.eval_repeats = 1, 2
         s.sample_repeats, s.budget = 1, 5.0
+    if args.train_repeats is not None:
+        if args.train_repeats < 1:
+            p.error(f"--train-repeats must be at least 1, got {args.train_repeats}")
+        s.train_repeats = args.train_repeats
     torch.set_num_threads(s.threads)
     dims = [int(v) for v in args.dims.split(",")]
     models = args.models.split(",")
