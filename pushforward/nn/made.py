@@ -276,7 +276,7 @@ class MADE(nn.Module):
         """Rows per group of a layer reading ``inputs`` inputs (see :attr:`block_size`)."""
         if self._block_size is not None:
             return self._block_size
-        return max(1, round(BLOCK_WEIGHTS / max(1, inputs)))
+        return max(1, round(BLOCK_WEIGHTS / inputs))  # inputs: a layer width, >= 1
 
     @property
     def input_degrees(self) -> Tensor:
