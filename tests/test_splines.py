@@ -421,8 +421,8 @@ def test_gradients_match_autograd_reference(inverse, which):
 @pytest.mark.parametrize("inverse", [False, True])
 def test_layouts_and_matmul_precision_give_the_same_results(inverse):
     # parameters as a network gives them (a transposed contiguous matrix: moved to the bins'
-    # layout by a product with a permutation matrix), in another layout (a strided copy), and
-    # with reduced-precision float32 matrix products allowed (the copy again): same bits
+    # layout by one row selection), in another layout (a strided copy), and with
+    # reduced-precision float32 matrix products allowed (no step may depend on them): same bits
     g = torch.Generator().manual_seed(13)
     tr = RQSplineTransformer(bins=8)
     z = torch.randn(64, 5, generator=g) * 3

@@ -29,15 +29,18 @@ Parameterisation (every real value is valid): bin widths
 Implementation (speed): the whole spline is one autograd function with a hand-written
 backward. The forward runs without autograd: the parameters are moved once to a bin-major,
 contiguous layout ``(K, 2, *batch)`` (where they come as a transposed contiguous matrix, as a
-network gives them, by a product with a permutation matrix, which BLAS does in cache-sized
-blocks; exact), so that every step of the cumulative sums is one contiguous pass; the bin is
+network gives them, by one row selection from its transpose, faster than a strided copy), so
+that every step of the cumulative sums is one contiguous pass; the bin is
 found by comparison with all knots (no ``searchsorted``); only the selected bin's knots, sizes
 and two knot derivatives are gathered, and the rational-quadratic arithmetic runs on those
 ``(*batch)`` tensors alone. The backward is the chain rule written out per entry (the inverse
 by implicit differentiation of the forward map at the root), then the softmax, cumulative-sum
 and gather steps in two passes over the parameters, and the move back to their layout: a few
 dozen operations where autograd would record well over a hundred. Tails are selected with
-``where`` (the spline is evaluated on the clamped input), never by boolean indexing.
+``where`` (the spline is evaluated on the clamped input), never by boolean indexing. On 3,072
+entries each operation costs about as much as its arithmetic, so the scalars of the arithmetic
+are cached 0-dim tensors (an operation with a Python number wraps and converts it first) and
+the backward reuses the forward's per-entry products.
 """
 
 from __future__ import annotations
@@ -73,29 +76,11 @@ def _check_settings(bins: int, bound: float, min_w: float, min_h: float, min_d: 
 
 def _native(u: Tensor) -> Tensor | None:
     """``u`` ``(P, *batch)`` as the contiguous matrix ``(prod(batch), P)`` whose transpose it
-    is, where it is one (on the CPU, not empty) and matrix products are exact IEEE products
-    (products with a permutation matrix then move values without rounding), else ``None``."""
-    if u.device.type != "cpu" or not u.numel() or u.dtype not in (torch.float32, torch.float64):
+    is, where it is one (and not empty), else ``None``."""
+    if not u.numel():
         return None
-    if u.dtype == torch.float32:
-        onednn = getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", "none")
-        if torch.get_float32_matmul_precision() != "highest" or onednn not in ("none", "ieee"):
-            return None  # reduced-precision float32 products (bf16, tf32) would round
     native = u.movedim(0, -1)
     return native.view(-1, u.shape[0]) if native.is_contiguous() else None
-
-
-@functools.cache
-def _permutation(bins: int, dtype: torch.dtype) -> Tensor:
-    """``(3K - 1, 3K - 1)``, ``P[2k + r, rK + k] = 1`` for the widths (``r = 0``) and heights
-    (``r = 1``), the identity on the derivatives: ``P @ v`` takes parameter-major rows to
-    bin-major ones, ``g @ P`` takes bin-major columns back."""
-    k = torch.arange(bins)
-    perm = torch.eye(3 * bins - 1, dtype=dtype)
-    perm[: 2 * bins, : 2 * bins] = 0
-    perm[2 * k, k] = 1
-    perm[2 * k + 1, bins + k] = 1
-    return perm
 
 
 class _Constants(NamedTuple):
@@ -103,18 +88,183 @@ class _Constants(NamedTuple):
     free: Tensor  # (2,): 1 - K * mins, the share of the interval the softmaxes distribute
     steps: Tensor  # (2, K - 1): mins * k for the interior knots k = 1..K-1
     pair: Tensor  # (2,) int64: -1, 0 (bin k uses the interior derivatives k - 1 and k)
+    # (3K - 1,) int64: the rows of u in bin-major order, (width, height) of bin 0, of bin 1,
+    # ..., then the derivatives
+    order: Tensor
+    # 0-dim tensors of the dtype for the scalars of the arithmetic: an operation with a Python
+    # number first wraps it in a tensor and converts that (a second allocation and copy)
+    zero: Tensor
+    one: Tensor
+    two: Tensor
+    bound: Tensor  # B
+    width: Tensor  # 2 B
+    unit: Tensor  # 1 / (2 B)
+    min_d: Tensor
+    shift: Tensor
+    tiny: Tensor  # the smallest normal number
 
 
 @functools.cache
 def _constants(
-    bins: int, min_w: float, min_h: float, dtype: torch.dtype, device: torch.device
+    bins: int,
+    bound: float,
+    min_w: float,
+    min_h: float,
+    min_d: float,
+    shift: float,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> _Constants:
     """Per-setting constant tensors, made once (never written to)."""
     mins = torch.tensor([min_w, min_h], dtype=dtype, device=device)
     steps = torch.arange(1, bins, dtype=dtype, device=device)
+    order = torch.cat(
+        [torch.arange(2 * bins).view(2, bins).t().flatten(), torch.arange(2 * bins, 3 * bins - 1)]
+    ).to(device)
+
+    def scalar(value: float) -> Tensor:
+        return torch.tensor(value, dtype=dtype, device=device)
+
     return _Constants(
-        mins, 1 - bins * mins, mins[:, None] * steps, torch.tensor([-1, 0], device=device)
+        mins,
+        1 - bins * mins,
+        mins[:, None] * steps,
+        torch.tensor([-1, 0], device=device),
+        order,
+        *map(scalar, (0.0, 1.0, 2.0, bound, 2 * bound, 0.5 / bound, min_d, shift)),
+        scalar(torch.finfo(dtype).tiny),
     )
+
+
+class _Entry(NamedTuple):
+    """Per-entry quantities of the selected bin (unit coordinates) that the backward needs."""
+
+    w: Tensor
+    h: Tensor
+    d0: Tensor
+    d1: Tensor
+    s: Tensor  # h / w
+    c2: Tensor  # d0 + d1 - 2 s
+    t: Tensor  # the position in the bin, in [0, 1]
+    omt: Tensor  # 1 - t
+    t1: Tensor  # t (1 - t)
+    tt: Tensor  # t^2
+    den: Tensor  # s + c2 t (1 - t)
+    numer: Tensor  # d1 t^2 + 2 s t (1 - t) + d0 (1 - t)^2
+    shape_a: Tensor  # s t^2 + d0 t (1 - t)
+    inside: Tensor  # |x| < B
+
+
+def _rq_forward(
+    x: Tensor,
+    xi: Tensor,
+    x0: Tensor,
+    y0: Tensor,
+    w: Tensor,
+    h: Tensor,
+    d0: Tensor,
+    d1: Tensor,
+    inverse: bool,
+    c: _Constants,
+) -> tuple[Tensor, Tensor, _Entry]:
+    """The rational-quadratic map of the selected bin, in unit coordinates: ``(y, lad)`` and
+    what the backward needs."""
+    s = h / w
+    dd = d0 + d1
+    c2 = torch.add(dd, s, alpha=-2)
+    if inverse:
+        # a t^2 + b t + c = 0 (Durkan et al., appendix A.3), every coefficient divided by
+        # d0 + d1 + s so that b^2 cannot overflow however steep the knots (same root)
+        norm = torch.reciprocal(dd + s)
+        dy = (xi - y0).mul_(norm)
+        hn = h * norm
+        q = dy * c2
+        a = torch.addcmul(q, hn, s - d0)
+        b = torch.addcmul(-q, hn, d0)
+        sd = s * dy  # = -c >= 0
+        root = torch.addcmul(b * b, a, sd, value=4).clamp_min_(0).sqrt_()
+        # the root in [0, 1] without cancellation: 2 sd / (b + root) where b >= 0, and
+        # (root - b) / (2a) where b < 0 (then a > 0); the denominator is floored so that
+        # neither branch can divide by zero, and the clamp only acts where rounding has
+        # erased the equation (near-staircase knots)
+        positive = b >= 0
+        den = torch.where(positive, b + root, a + a).clamp_min_(c.tiny)
+        t = (torch.where(positive, sd + sd, root - b) / den).clamp_(0.0, 1.0)
+    else:
+        # clamped like the root: where rounding puts xi a hair outside the bin found for
+        # it, t outside [0, 1] would make den negative next to steep knots (NaN)
+        t = ((xi - x0) / w).clamp_(0.0, 1.0)
+    omt = c.one - t
+    t1 = t * omt
+    tt = t * t
+    den = torch.addcmul(s, c2, t1)
+    numer = torch.addcmul(torch.addcmul(d1 * tt, s, t1, value=2), d0, omt * omt)
+    # log(s^2 numer / den^2) with two logarithms: den >= s (1 - 2 t (1 - t)) >= s / 2, so the
+    # ratio s / den lies in (0, 2]; the product of all three could underflow where the knot
+    # derivatives dwarf the bin's slope s, s numer / den stays near min(s, d0, d1) or above
+    ratio = s / den
+    lad = torch.log(numer * ratio).add_(torch.log(ratio))
+    shape_a = torch.addcmul(s * tt, d0, t1)  # y = y0 + h A / den
+    if inverse:
+        out = torch.addcmul(x0, t, w)
+        lad.neg_()
+    else:
+        out = torch.addcdiv(y0, h * shape_a, den)
+    inside = x.abs() < c.bound
+    y = torch.where(inside, out.mul_(c.width).sub_(c.bound), x)
+    lad = torch.where(inside, lad, c.zero)
+    return y, lad, _Entry(w, h, d0, d1, s, c2, t, omt, t1, tt, den, numer, shape_a, inside)
+
+
+def _rq_backward(
+    grad_y: Tensor,
+    grad_lad: Tensor,
+    q: _Entry,
+    inverse: bool,
+    c: _Constants,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The per-entry chain rule of :func:`_rq_forward`: the gradients ``a`` with respect to
+    the bin's left knots ``(x0, y0)`` and ``b`` to its sizes ``(w, h)``, ``(2, *batch)`` each,
+    to its knot derivatives ``(d0, d1)``, and to the input."""
+    w, h, d0, d1, s, c2, t, omt, t1, tt, den, numer, shape_a, inside = q
+    go = torch.where(inside, grad_y, c.zero).mul_(c.width)  # with respect to the unit output
+    # with respect to the forward map's log-derivative
+    gl = torch.where(inside, grad_lad.neg() if inverse else grad_lad, c.zero)
+    # partial derivatives of y_unit = y0 + h A / den and of l = log s^2 numer / den^2 at
+    # fixed t, in the bin's own quantities (those of d0 and d1 stacked)
+    rd = torch.reciprocal(den)
+    rn = torch.reciprocal(numer)
+    hr = h * rd
+    ya = shape_a * rd  # A / den = dy/dh
+    v1 = torch.add(c.one, t1, alpha=-2)  # d den / d s
+    y_s = hr * torch.addcmul(tt, ya, v1, value=-1)
+    hrt1 = hr * t1
+    y_d = torch.stack([hrt1 - hrt1 * ya, -hrt1 * ya])
+    y_t = hr * rd * s * numer  # > 0: w times the slope
+    l_s = torch.reciprocal(s).mul_(c.two).add_(rn * t1, alpha=2).sub_(v1 * rd, alpha=2)
+    l_d = torch.stack([omt * omt, tt]).mul_(rn).sub_(t1 * rd, alpha=2)
+    u1 = torch.add(c.one, t, alpha=-2)
+    l_t = (d1 * t + s * u1 - d0 * omt).mul_(rn).sub_(c2 * u1 * rd).mul_(c.two)
+    if inverse:
+        # t is the root of y_unit(t) = xi: dt = (dxi - dy0 - y_v dv) / y_t
+        g_xi = torch.addcmul(gl * l_t, go, w).div_(y_t)
+        p = -g_xi  # the weight of the partial derivatives of y_unit
+    else:
+        p = go
+        g_t = torch.addcmul(go * y_t, gl, l_t)  # t = (xi - x0) / w
+        g_xi = g_t / w
+    g_s = torch.addcmul(p * y_s, gl, l_s)
+    g_d = torch.addcmul(p * y_d, gl, l_d)
+    # a = (g_x0, g_y0), b = (g_w, g_h)
+    g_sw = g_s * s / w
+    if inverse:
+        a = torch.stack([go, p])
+        b = torch.stack([torch.addcmul(-g_sw, go, t), torch.addcmul(g_s / w, p, ya)])
+    else:
+        a = torch.stack([-g_xi, go])
+        b = torch.stack([torch.addcmul(-g_sw, g_xi, t, value=-1), torch.addcmul(g_s / w, p, ya)])
+    grad_x = torch.where(inside, g_xi * c.unit, grad_y)
+    return a, b, g_d, grad_x
 
 
 class _Spline(torch.autograd.Function):
@@ -148,18 +298,18 @@ class _Spline(torch.autograd.Function):
         batch = x.shape
         ones = (1,) * len(batch)
         dtype, device = u.dtype, u.device
-        c = _constants(bins, min_w, min_h, dtype, device)
-        xi = (x.clamp(-bound, bound) + bound) * (0.5 / bound)
+        c = _constants(bins, bound, min_w, min_h, min_d, shift, dtype, device)
+        xi = x.clamp(-bound, bound).add_(c.bound).mul_(c.unit)
         # unnormalised bin sizes e = exp(theta - shift) and their exclusive cumulative sums,
         # contiguous and bin-major, (bin, width or height, *batch), whatever the layout of u,
         # so that each step of the cumulative sum is one contiguous pass
         theta = u[: 2 * bins].unflatten(0, (2, bins)).transpose(0, 1)
         # where u is a transposed contiguous matrix (the parameters as a network gives them),
-        # the transposition is a product with a permutation matrix, which BLAS does in
-        # cache-sized blocks, twice as fast as a strided copy (and exact)
+        # the transposition and the reordering to bin-major rows are one row selection from
+        # its transpose, faster than a strided copy
         native = _native(u)
         if native is not None:
-            moved = torch.mm(_permutation(bins, dtype), native.t())
+            moved = native.t().index_select(0, c.order)
             e = moved[: 2 * bins].view(bins, 2, *batch)
             logits_d = moved[2 * bins :].view(bins - 1, *batch)
         else:
@@ -173,10 +323,11 @@ class _Spline(torch.autograd.Function):
             elif native is None:
                 e.copy_(theta)
             e.exp_()
-            cum[0] = 0
+            cums, es = cum.unbind(0), e.unbind(0)
+            cums[0].zero_()
             for k in range(1, bins):
-                torch.add(cum[k - 1], e[k - 1], out=cum[k])
-            return cum[-1] + e[-1]  # (2, *batch)
+                torch.add(cums[k - 1], es[k - 1], out=cums[k])
+            return cums[-1] + es[-1]  # (2, *batch)
 
         total = normalise(not shared)
         if shared and total.numel():
@@ -196,7 +347,7 @@ class _Spline(torch.autograd.Function):
         # below[j] = [j < index], as numbers (the backward needs them); the last row stays 0;
         # the knots are written where the comparisons then go
         below = torch.empty((bins, *batch), dtype=dtype, device=device)
-        below[-1] = 0
+        below[-1].zero_()
         steps = c.steps[row].view(bins - 1, *ones)
         knots = torch.addcmul(steps, cum[1:, row], scale[row], out=below[:-1])
         torch.le(knots, xi, out=knots)
@@ -216,57 +367,18 @@ class _Spline(torch.autograd.Function):
             interior = pair == wanted
             theta_d = logits_d.gather(0, pair)
             if shift:
-                theta_d += shift
-            d0, d1 = torch.where(interior, F.softplus(theta_d).add_(min_d), 1.0)
+                theta_d += c.shift
+            d0, d1 = torch.where(interior, F.softplus(theta_d).add_(c.min_d), c.one)
         else:
             pair = theta_d = interior = torch.empty(0, device=device)
             d0 = d1 = torch.ones(batch, dtype=dtype, device=device)
-        # the rational-quadratic map of the selected bin, in unit coordinates
-        s = h / w
-        dd = d0 + d1
-        c2 = torch.add(dd, s, alpha=-2)
-        if inverse:
-            # a t^2 + b t + c = 0 (Durkan et al., appendix A.3), every coefficient divided by
-            # d0 + d1 + s so that b^2 cannot overflow however steep the knots (same root)
-            norm = torch.reciprocal(dd + s)
-            dy = (xi - y0).mul_(norm)
-            hn = h * norm
-            q = dy * c2
-            a = torch.addcmul(q, hn, s - d0)
-            b = torch.addcmul(-q, hn, d0)
-            sd = s * dy  # = -c >= 0
-            root = torch.addcmul(b * b, a, sd, value=4).clamp_min_(0).sqrt_()
-            # the root in [0, 1] without cancellation: 2 sd / (b + root) where b >= 0, and
-            # (root - b) / (2a) where b < 0 (then a > 0); the denominator is floored so that
-            # neither branch can divide by zero, and the clamp only acts where rounding has
-            # erased the equation (near-staircase knots)
-            positive = b >= 0
-            den = torch.where(positive, b + root, 2 * a).clamp_min_(torch.finfo(dtype).tiny)
-            t = (torch.where(positive, 2 * sd, root - b) / den).clamp_(0.0, 1.0)
-        else:
-            # clamped like the root: where rounding puts xi a hair outside the bin found for
-            # it, t outside [0, 1] would make den negative next to steep knots (NaN)
-            t = ((xi - x0) / w).clamp_(0.0, 1.0)
-        omt = 1 - t
-        t1 = t * omt
-        tt = t * t
-        den = torch.addcmul(s, c2, t1)
-        numer = torch.addcmul(torch.addcmul(d1 * tt, s, t1, value=2), d0, omt * omt)
-        lad = torch.add(torch.log(numer), torch.log(s) - torch.log(den), alpha=2)
-        shape_a = torch.addcmul(s * tt, d0, t1)  # y = y0 + h A / den
-        if inverse:
-            out = torch.addcmul(x0, t, w)
-            lad.neg_()
-        else:
-            out = torch.addcdiv(y0, h * shape_a, den)
-        inside = (x > -bound) & (x < bound)
-        y = torch.where(inside, out.mul_(2 * bound).sub_(bound), x)
-        lad = torch.where(inside, lad, 0.0)
-        ctx.save_for_backward(
-            u, e, below, index, total, cum_bin, e_bin, scale, theta_d, pair, interior,
-            inside, t, w, h, s, d0, d1, den, numer, shape_a,
-        )  # fmt: skip
-        ctx.inverse, ctx.bound, ctx.native = inverse, bound, native is not None
+        y, lad, entry = _rq_forward(x, xi, x0, y0, w, h, d0, d1, inverse, c)
+        # u is an input and goes through save_for_backward; the rest are intermediates of
+        # this function, never seen outside it, and are kept on ctx
+        ctx.save_for_backward(u)
+        ctx.entry = entry
+        ctx.bins = (e, below, index, total, cum_bin, e_bin, scale, theta_d, pair, interior)
+        ctx.inverse, ctx.constants, ctx.native = inverse, c, native is not None
         return y, lad
 
     @staticmethod
@@ -274,62 +386,17 @@ class _Spline(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: FunctionCtx, grad_y: Tensor | None, grad_lad: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        (
-            u, e, below, index, total, cum_bin, e_bin, scale, theta_d, pair, interior,
-            inside, t, w, h, s, d0, d1, den, numer, shape_a,
-        ) = ctx.saved_tensors  # fmt: skip
-        inverse, bound = ctx.inverse, ctx.bound
+        (u,) = ctx.saved_tensors
+        e, below, index, total, cum_bin, e_bin, scale, theta_d, pair, interior = ctx.bins
+        inverse, c, entry = ctx.inverse, ctx.constants, ctx.entry
         nones = (None,) * 7
         if grad_y is None:
-            grad_y = torch.zeros_like(t)
+            grad_y = torch.zeros_like(entry.t)
         if grad_lad is None:
-            grad_lad = torch.zeros_like(t)
-        go = torch.where(inside, grad_y, 0.0).mul_(2 * bound)  # with respect to the unit output
-        # with respect to the forward map's log-derivative
-        gl = torch.where(inside, grad_lad.neg() if inverse else grad_lad, 0.0)
-        # partial derivatives of y_unit = y0 + h A / den and of l = log s^2 numer / den^2 at
-        # fixed t, in the bin's own quantities (those of d0 and d1 stacked)
-        rd = torch.reciprocal(den)
-        rn = torch.reciprocal(numer)
-        hr = h * rd
-        ya = shape_a * rd  # A / den = dy/dh
-        tt = t * t
-        omt = 1 - t
-        t1 = t * omt
-        v1 = torch.add(1, t1, alpha=-2)  # d den / d s
-        y_s = hr * torch.addcmul(tt, ya, v1, value=-1)
-        hrt1 = hr * t1
-        y_d = torch.stack([hrt1 - hrt1 * ya, -hrt1 * ya])
-        y_t = hr * rd * s * numer  # > 0: w times the slope
-        l_s = (2 / s).add_(rn * t1, alpha=2).sub_(v1 * rd, alpha=2)
-        l_d = torch.stack([omt * omt, tt]).mul_(rn).sub_(t1 * rd, alpha=2)
-        c2 = torch.add(d0 + d1, s, alpha=-2)
-        u1 = 1 - 2 * t
-        l_t = (d1 * t + s * u1 - d0 * omt).mul_(rn).sub_(c2 * u1 * rd).mul_(2)
-        if inverse:
-            # t is the root of y_unit(t) = xi: dt = (dxi - dy0 - y_v dv) / y_t
-            q = torch.addcmul(gl * l_t, go, w).div_(y_t)
-            p = -q  # the weight of the partial derivatives of y_unit
-            g_xi = q
-        else:
-            p = go
-            g_t = torch.addcmul(go * y_t, gl, l_t)  # t = (xi - x0) / w
-            g_xi = g_t / w
-        g_s = torch.addcmul(p * y_s, gl, l_s)
-        g_d0, g_d1 = torch.addcmul(p * y_d, gl, l_d)
-        # a = (g_x0, g_y0), b = (g_w, g_h)
-        g_sw = g_s * s / w
-        if inverse:
-            a = torch.stack([go, p])
-            b = torch.stack([torch.addcmul(-g_sw, go, t), torch.addcmul(g_s / w, p, ya)])
-        else:
-            a = torch.stack([-g_xi, go])
-            b = torch.stack(
-                [torch.addcmul(-g_sw, g_xi, t, value=-1), torch.addcmul(g_s / w, p, ya)]
-            )
-        grad_x = None
-        if ctx.needs_input_grad[1]:
-            grad_x = torch.where(inside, g_xi * (0.5 / bound), grad_y)
+            grad_lad = torch.zeros_like(entry.t)
+        a, b, g_d, grad_x = _rq_backward(grad_y, grad_lad, entry, inverse, c)
+        if not ctx.needs_input_grad[1]:
+            grad_x = None
         if not ctx.needs_input_grad[0]:
             return (None, grad_x, *nones)
         bins, batch = e.shape[0], index.shape
@@ -338,26 +405,22 @@ class _Spline(torch.autograd.Function):
         a.mul_(scale)
         b.mul_(scale)
         centre = (a * cum_bin + b * e_bin) / total
-        # computed parameter-major and contiguous, then copied once into the layout of u
+        # computed parameter-major and contiguous (the rows of u), then copied once into the
+        # layout of u
         grad = torch.empty((3 * bins - 1, *batch), dtype=e.dtype, device=e.device)
-        g_theta = grad[: 2 * bins].view(e.shape)  # bin-major, as e
+        g_theta = grad[: 2 * bins].view(2, bins, *batch).transpose(0, 1)  # indexed as e
         torch.addcmul(-centre, below.unsqueeze(1), a, out=g_theta)
         g_theta.mul_(e)
         g_theta.scatter_add_(0, index.expand(1, 2, *batch), (b * e_bin).unsqueeze(0))
         if bins > 1:
-            g_d = torch.stack([g_d0, g_d1]).mul_(torch.sigmoid(theta_d)).mul_(interior)
+            g_d.mul_(torch.sigmoid(theta_d)).mul_(interior)
             grad[2 * bins :].zero_().scatter_add_(0, pair, g_d)
         if not ctx.native:
-            grad_u = torch.empty_like(u)
-            grad_u[: 2 * bins].unflatten(0, (2, bins)).copy_(g_theta.transpose(0, 1))
-            grad_u[2 * bins :].copy_(grad[2 * bins :])
-            return (grad_u, grad_x, *nones)
-        # the transposition back to the layout of u as a product with a permutation matrix
-        # (see the forward)
+            return (torch.empty_like(u).copy_(grad), grad_x, *nones)
         shape = u.movedim(0, -1).shape
-        out = torch.empty(shape.numel() // shape[-1], shape[-1], dtype=e.dtype, device=e.device)
-        torch.mm(grad.view(3 * bins - 1, -1).t(), _permutation(bins, grad.dtype), out=out)
-        return (out.view(shape).movedim(-1, 0), grad_x, *nones)
+        out = torch.empty(shape, dtype=e.dtype, device=e.device)
+        out.view(-1, shape[-1]).copy_(grad.view(3 * bins - 1, -1).t())
+        return (out.movedim(-1, 0), grad_x, *nones)
 
 
 def _unconstrained(
