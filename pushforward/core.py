@@ -338,6 +338,10 @@ class Transformer(nn.Module):
 
     #: number of parameters per transformed feature
     params_per_feature: int = 1
+    #: whether the transformer is fastest with ``params`` laid out parameter-major (each
+    #: parameter's values over the batch contiguous in memory), a layout a conditioner can
+    #: give at no cost by computing its output layer transposed (``MADE(..., transposed=True)``)
+    param_major: bool = False
 
     def identity_params(self) -> Tensor:
         """A ``(params_per_feature,)`` vector for which the map is (close to) the identity; a

@@ -165,6 +165,39 @@ def test_block_triangular_evaluation_equals_the_dense_masked_product(
             torch.testing.assert_close(a, b, atol=1e-13, rtol=0)
 
 
+@pytest.mark.parametrize("block_size", [None, 8])
+def test_transposed_output_has_the_same_values_and_gradients(block_size: int | None) -> None:
+    # transposed=True: the same outputs and gradients, laid out as a contiguous
+    # (features * heads, rows) matrix, through the dense output product and the grouped one
+    torch.manual_seed(2)
+    made = MADE(9, (40, 40), heads=3, context_features=2, block_size=block_size)
+    perturb_parameters(made)
+    assert (made._output_blocks is None) == (block_size is None)
+    for shape in ((5,), (2, 3)):
+        x = torch.randn(*shape, 9, requires_grad=True)
+        c = torch.randn(*shape, 2)
+        ref, out = made(x, c), made(x, c, transposed=True)
+        assert out.shape == ref.shape == (*shape, 9, 3)
+        assert out.reshape(-1, 27).t().is_contiguous() and not out.is_contiguous()
+        torch.testing.assert_close(out, ref, atol=1e-13, rtol=0)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, [x, *made.parameters()], g)
+        refs = torch.autograd.grad(ref, [x, *made.parameters()], g)
+        for a, b in zip(grads, refs):
+            torch.testing.assert_close(a, b, atol=1e-13, rtol=0)
+    if block_size is not None:
+        groups, mask = made._output_blocks, made.mask_output
+        w = torch.randn(27, 40, requires_grad=True)
+        b = torch.randn(27, requires_grad=True)
+        h = torch.randn(2, 3, 40, requires_grad=True)
+
+        def f(h, w, b):
+            return _BlockTriangularLinear.apply(h, w, b, mask, groups, True)
+
+        assert torch.autograd.gradcheck(f, (h, w, b))
+        assert torch.autograd.gradgradcheck(f, (h, w, b))
+
+
 def test_block_groups_cut_at_degree_boundaries() -> None:
     made = MADE(43, (512, 512))
     (blocks,) = made._blocks.values()

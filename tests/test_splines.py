@@ -421,16 +421,28 @@ def test_gradients_match_autograd_reference(inverse, which):
 @pytest.mark.parametrize("inverse", [False, True])
 def test_layouts_and_matmul_precision_give_the_same_results(inverse):
     # parameters as a network gives them (a transposed contiguous matrix: moved to the bins'
-    # layout by one row selection), in another layout (a strided copy), and with
-    # reduced-precision float32 matrix products allowed (no step may depend on them): same bits
+    # layout by one row selection), in another layout (a strided copy), feature-major (as a
+    # MADE's transposed output: the batch taken in that order), and with reduced-precision
+    # float32 matrix products allowed (the gradient's move back is then a copy): same bits
     g = torch.Generator().manual_seed(13)
     tr = RQSplineTransformer(bins=8)
     z = torch.randn(64, 5, generator=g) * 3
     p = torch.randn(64, 5, 23, generator=g) * 2
     runs = []
     previous = torch.get_float32_matmul_precision()
-    for layout, precision in (("native", "highest"), ("strided", "highest"), ("native", "medium")):
-        q = p.clone() if layout == "native" else p.transpose(0, 1).contiguous().transpose(0, 1)
+    layouts = {
+        "native": lambda p: p.clone(),
+        "strided": lambda p: p.transpose(0, 1).contiguous().transpose(0, 1),
+        # (features, P, batch) in memory: a MADE's transposed output
+        "feature-major": lambda p: p.permute(1, 2, 0).contiguous().permute(2, 0, 1),
+    }
+    for layout, precision in (
+        ("native", "highest"),
+        ("strided", "highest"),
+        ("feature-major", "highest"),
+        ("native", "medium"),
+    ):
+        q = layouts[layout](p)
         q.requires_grad_()
         zz = z.clone().requires_grad_()
         torch.set_float32_matmul_precision(precision)

@@ -350,8 +350,16 @@ class MADE(nn.Module):
 
     # -- evaluation ----------------------------------------------------------------------------
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """All outputs in one parallel pass: ``(*batch, features) -> (*batch, features, heads)``."""
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, *, transposed: bool = False
+    ) -> Tensor:
+        """All outputs in one parallel pass: ``(*batch, features) -> (*batch, features, heads)``.
+
+        With ``transposed``, the same values in another memory layout: the output layer's
+        product is computed transposed, so the result is a view of a contiguous
+        ``(features * heads, prod(batch))`` matrix, in which each parameter's values over the
+        batch are contiguous (what a parameter-major transformer such as the spline reads
+        fastest; the gradient comes back in that layout too, at no extra cost)."""
         check_features(x, self.features)
         c = check_context(context, self.context_features, x.shape[:-1])
         states: list[Tensor | None] = [x]
@@ -376,13 +384,18 @@ class MADE(nn.Module):
             for s in release:
                 states[s] = None
             states.append(h)
-        if self._output_blocks is None:
-            out = F.linear(states[-1], self.output.weight * self.mask_output, self.output.bias)
-        else:
+        if self._output_blocks is not None:
             out = _BlockTriangularLinear.apply(
                 states[-1], self.output.weight, self.output.bias, self.mask_output,
-                self._output_blocks,
+                self._output_blocks, transposed,
             )  # fmt: skip
+        elif transposed:
+            h = states[-1]
+            weight = self.output.weight * self.mask_output
+            out = torch.addmm(self.output.bias.unsqueeze(1), weight, h.reshape(-1, h.shape[-1]).t())
+            out = out.t().reshape(*h.shape[:-1], -1)
+        else:
+            out = F.linear(states[-1], self.output.weight * self.mask_output, self.output.bias)
         return out.unflatten(-1, (self.features, self.heads))
 
     def autoregress(
@@ -537,18 +550,29 @@ class _BlockTriangularLinear(torch.autograd.Function):
     differentiable formulas, so higher derivatives are exact too."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, mask: Tensor, blocks):  # type: ignore[override]
+    def forward(
+        ctx, h: Tensor, weight: Tensor, bias: Tensor, mask: Tensor, blocks, transposed=False
+    ):  # type: ignore[override]
         h2 = h.reshape(-1, h.shape[-1])
-        out = h2.new_empty(h2.shape[0], weight.shape[0])
         masked = []
-        for lo, hi, _, p in blocks:
-            wm = weight[lo:hi, :p] * mask[lo:hi, :p]
-            torch.addmm(bias[lo:hi], h2[:, :p], wm.t(), out=out[:, lo:hi])
-            masked.append(wm)
+        if transposed:  # the product transposed: (out features, rows) contiguous
+            out_t = h2.new_empty(weight.shape[0], h2.shape[0])
+            for lo, hi, _, p in blocks:
+                wm = weight[lo:hi, :p] * mask[lo:hi, :p]
+                torch.addmm(bias[lo:hi, None], wm, h2[:, :p].t(), out=out_t[lo:hi])
+                masked.append(wm)
+            out = out_t.t()
+        else:
+            out = h2.new_empty(h2.shape[0], weight.shape[0])
+            for lo, hi, _, p in blocks:
+                wm = weight[lo:hi, :p] * mask[lo:hi, :p]
+                torch.addmm(bias[lo:hi], h2[:, :p], wm.t(), out=out[:, lo:hi])
+                masked.append(wm)
         ctx.blocks = blocks
         ctx.batch_shape = h.shape[:-1]
         ctx.save_for_backward(h, weight, mask, *masked)  # h itself: graph-connected
-        # not a view for a 2-D input (the common case), so the caller may activate in place
+        # not a view for a 2-D input (the common case) unless transposed, so the caller may
+        # activate in place
         return out if h.dim() == 2 else out.reshape(*h.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -584,7 +608,7 @@ class _BlockTriangularLinear(torch.autograd.Function):
                     gw[lo:hi, p:].zero_()
         if need_b:
             gb = g2.sum(0)
-        return gh, gw, gb, None, None
+        return gh, gw, gb, None, None, None
 
 
 def _rebuild_masks(module: MADE, incompatible_keys: object) -> None:

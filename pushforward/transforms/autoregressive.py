@@ -119,7 +119,8 @@ class MaskedAutoregressive(Transform):
 
     def inverse(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         c = self._prepare(x, context)
-        z, lad = self.transformer.inverse(x, self.made(x, c))
+        params = self.made(x, c, transposed=self.transformer.param_major)
+        z, lad = self.transformer.inverse(x, params)
         return z, lad.sum(-1)
 
     def forward(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
