@@ -129,6 +129,19 @@ def test_invalid_arguments_are_clear_errors() -> None:
         MADE(3, (8,))(torch.randn(4, 3), torch.randn(4, 2))
 
 
+def _assert_same_values_and_gradients(
+    out: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, made: MADE, made_ref: MADE
+) -> None:
+    """``out`` of ``made`` equals ``ref`` of ``made_ref`` (to float64 rounding), and so do their
+    gradients with respect to the input ``x`` and to each parameter."""
+    torch.testing.assert_close(out, ref, atol=1e-13, rtol=0)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *made.parameters()], g)
+    refs = torch.autograd.grad(ref, [x, *made_ref.parameters()], g)
+    for a, b in zip(grads, refs):
+        torch.testing.assert_close(a, b, atol=1e-13, rtol=0)
+
+
 @pytest.mark.parametrize("order", ["natural", "reversed", "random"])
 @pytest.mark.parametrize("context", [0, 2])
 def test_block_triangular_evaluation_equals_the_dense_masked_product(
@@ -156,13 +169,7 @@ def test_block_triangular_evaluation_equals_the_dense_masked_product(
                 assert torch.all(m[lo:hi, :q] == 1) and torch.all(m[lo:hi, p:] == 0)
         c = torch.randn(2, 3, 2) if context else None
         x = torch.randn(2, 3, 9, requires_grad=True)
-        out, ref = blocked(x, c), dense(x, c)
-        torch.testing.assert_close(out, ref, atol=1e-13, rtol=0)
-        g = torch.randn_like(out)
-        grads = torch.autograd.grad(out, [x, *blocked.parameters()], g)
-        refs = torch.autograd.grad(ref, [x, *dense.parameters()], g)
-        for a, b in zip(grads, refs):
-            torch.testing.assert_close(a, b, atol=1e-13, rtol=0)
+        _assert_same_values_and_gradients(blocked(x, c), dense(x, c), x, blocked, dense)
 
 
 @pytest.mark.parametrize("block_size", [None, 8])
@@ -179,12 +186,7 @@ def test_transposed_output_has_the_same_values_and_gradients(block_size: int | N
         ref, out = made(x, c), made(x, c, transposed=True)
         assert out.shape == ref.shape == (*shape, 9, 3)
         assert out.reshape(-1, 27).t().is_contiguous() and not out.is_contiguous()
-        torch.testing.assert_close(out, ref, atol=1e-13, rtol=0)
-        g = torch.randn_like(out)
-        grads = torch.autograd.grad(out, [x, *made.parameters()], g)
-        refs = torch.autograd.grad(ref, [x, *made.parameters()], g)
-        for a, b in zip(grads, refs):
-            torch.testing.assert_close(a, b, atol=1e-13, rtol=0)
+        _assert_same_values_and_gradients(out, ref, x, made, made)
     if block_size is not None:
         groups, mask = made._output_blocks, made.mask_output
         w = torch.randn(27, 40, requires_grad=True)
