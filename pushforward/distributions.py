@@ -328,9 +328,10 @@ class Flow(nn.Module):
         return self.base.log_prob(z, c) + ladj
 
     def latent(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """The latent code ``z = f^{-1}(x)``."""
+        """The latent code ``z = f^{-1}(x)`` (contiguous, whatever layout the last transform
+        gave)."""
         _, c = self._check_x(x, context)
-        return self.transform.inverse(x, c)[0]
+        return self.transform.inverse(x, c)[0].contiguous()
 
     def rsample(self, shape: Shape = (), context: Tensor | None = None) -> Tensor:
         """Reparameterised samples of shape ``(*shape, *context_batch, *event_shape)``."""
@@ -338,7 +339,7 @@ class Flow(nn.Module):
         if not batch:  # transforms need one batch dimension: draw one and drop it
             return self.rsample((1,))[0]
         z = self.base.rsample(batch, c)
-        return self.transform(z, c)[0]
+        return self.transform(z, c)[0].contiguous()
 
     def sample(self, shape: Shape = (), context: Tensor | None = None) -> Tensor:
         """Samples without gradient; see :meth:`rsample`."""
@@ -356,7 +357,7 @@ class Flow(nn.Module):
         z = self.base.rsample(batch, c)
         log_q = self.base.log_prob(z, c)
         x, ladj = self.transform(z, c)
-        return x, log_q - ladj
+        return x.contiguous(), log_q - ladj
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         return self.log_prob(x, context)

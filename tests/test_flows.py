@@ -207,3 +207,17 @@ def test_glow_split_prior() -> None:
     torch.testing.assert_close(split.log_prob(x), plain.log_prob(x))
     with pytest.raises(PushforwardError, match="option split_prior must be True or False"):
         flows.build("glow", (1, 8, 8), split_prior=1)
+
+
+def test_latent_and_samples_are_contiguous_whatever_the_layers_layout() -> None:
+    # an NSF layer's spline reads the MADE's transposed output in place and returns views in
+    # that layout; what the flow hands a user is contiguous (and the same values)
+    torch.manual_seed(0)
+    flow = flows.build("nsf", 3, layers=2, hidden=(16, 16), affine=False)
+    x = torch.randn(5, 3)
+    z, _ = flow.transform.inverse(x)
+    assert not z.is_contiguous()
+    latent = flow.latent(x)
+    assert latent.is_contiguous() and torch.equal(latent, z)
+    assert flow.sample((4,)).is_contiguous()
+    assert flow.sample_and_log_prob((4,))[0].is_contiguous()
