@@ -180,12 +180,13 @@ def test_transposed_output_has_the_same_values_and_gradients(block_size: int | N
     made = MADE(9, (40, 40), heads=3, context_features=2, block_size=block_size)
     perturb_parameters(made)
     assert (made._output_blocks is None) == (block_size is None)
-    for shape in ((5,), (2, 3)):
+    for shape in ((5,), (2, 3), (0,)):
         x = torch.randn(*shape, 9, requires_grad=True)
         c = torch.randn(*shape, 2)
         ref, out = made(x, c), made(x, c, transposed=True)
         assert out.shape == ref.shape == (*shape, 9, 3)
-        assert out.reshape(-1, 27).t().is_contiguous() and not out.is_contiguous()
+        if out.numel() > 27:
+            assert out.reshape(-1, 27).t().is_contiguous() and not out.is_contiguous()
         _assert_same_values_and_gradients(out, ref, x, made, made)
     if block_size is not None:
         groups, mask = made._output_blocks, made.mask_output

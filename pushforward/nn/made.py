@@ -393,7 +393,7 @@ class MADE(nn.Module):
             h = states[-1]
             weight = self.output.weight * self.mask_output
             out = torch.addmm(self.output.bias.unsqueeze(1), weight, h.reshape(-1, h.shape[-1]).t())
-            out = out.t().reshape(*h.shape[:-1], -1)
+            out = out.t().reshape(*h.shape[:-1], weight.shape[0])
         else:
             out = F.linear(states[-1], self.output.weight * self.mask_output, self.output.bias)
         return out.unflatten(-1, (self.features, self.heads))
@@ -583,7 +583,7 @@ class _BlockTriangularLinear(torch.autograd.Function):
         gh = gw = gb = None
         if torch.is_grad_enabled():  # create_graph: dense, differentiable
             if need_h:
-                gh = (g2 @ (weight * mask)).reshape(*ctx.batch_shape, -1)
+                gh = (g2 @ (weight * mask)).reshape(*ctx.batch_shape, h.shape[-1])
             if need_w:
                 gw = (g2.t() @ h2) * mask
         else:
@@ -599,7 +599,7 @@ class _BlockTriangularLinear(torch.autograd.Function):
                 for i, ((lo, hi, _, p), wm) in enumerate(zip(ctx.blocks, masked)):
                     if i != first:
                         gh[:, :p].addmm_(g2[:, lo:hi], wm)
-                gh = gh.reshape(*ctx.batch_shape, -1)
+                gh = gh.reshape(*ctx.batch_shape, h.shape[-1])
             if need_w:
                 gw = torch.empty_like(weight)
                 for lo, hi, q, p in ctx.blocks:
