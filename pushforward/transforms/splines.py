@@ -392,11 +392,11 @@ class _Spline(torch.autograd.Function):
             pair = theta_d = interior = torch.empty(0, device=device)
             d0 = d1 = torch.ones(batch, dtype=dtype, device=device)
         y, lad, entry = _rq_forward(x, xi, x0, y0, w, h, d0, d1, inverse, c)
-        # u is an input and goes through save_for_backward; the rest are intermediates of
-        # this function, never seen outside it, and are kept on ctx
-        ctx.save_for_backward(u)
-        ctx.entry = entry
-        ctx.bins = (e, below, index, total, cum_bin, e_bin, scale, theta_d, pair, interior)
+        # all through save_for_backward (saved-tensor hooks, such as checkpointing or
+        # offloading, then see them; on ctx they would save 3 µs a call)
+        ctx.save_for_backward(
+            u, e, below, index, total, cum_bin, e_bin, scale, theta_d, pair, interior, *entry
+        )
         ctx.inverse, ctx.constants, ctx.native = inverse, c, native is not None
         return y, lad
 
@@ -405,9 +405,11 @@ class _Spline(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: FunctionCtx, grad_y: Tensor | None, grad_lad: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        (u,) = ctx.saved_tensors
-        e, below, index, total, cum_bin, e_bin, scale, theta_d, pair, interior = ctx.bins
-        inverse, c, entry = ctx.inverse, ctx.constants, ctx.entry
+        u, e, below, index, total, cum_bin, e_bin, scale, theta_d, pair, interior, *rest = (
+            ctx.saved_tensors
+        )
+        entry = _Entry(*rest)
+        inverse, c = ctx.inverse, ctx.constants
         nones = (None,) * 7
         if grad_y is None:
             grad_y = torch.zeros_like(entry.t)
