@@ -547,7 +547,9 @@ class _BlockTriangularLinear(torch.autograd.Function):
     the input prefix ``[:p]``. With groups of about ``w / G`` rows this does a fraction
     :math:`(1 + 1/G) / 2` of the dense product's work (and of its mask product), in the forward
     pass and in both gradient products. Under ``create_graph`` the backward uses the dense
-    differentiable formulas, so higher derivatives are exact too."""
+    differentiable formulas, so higher derivatives are exact too. With ``transposed`` the
+    product is computed transposed, the result a view of a contiguous ``(out, rows)`` matrix
+    (see :meth:`MADE.forward`)."""
 
     @staticmethod
     def forward(
