@@ -253,11 +253,15 @@ def test_block_triangular_function_gradcheck_and_gradgradcheck() -> None:
     assert torch.autograd.gradgradcheck(f, (h, w, b))
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu"])  # gelu: no in-place form
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("grad", [False, True])
-def test_autoregress_reproduces_the_parallel_pass(residual: bool, grad: bool) -> None:
+def test_autoregress_reproduces_the_parallel_pass(
+    residual: bool, grad: bool, activation: str
+) -> None:
     """params handed to step(i) are exactly the parallel pass's outputs at the final x."""
-    made = MADE(6, (20, 20), heads=2, context_features=2, order="random", residual=residual)
+    kw = {"context_features": 2, "order": "random", "residual": residual}
+    made = MADE(6, (20, 20), heads=2, activation=activation, **kw)
     perturb_parameters(made)
     c = torch.randn(5, 2)
     noise = torch.randn(5, 6)

@@ -475,7 +475,17 @@ class MADE(nn.Module):
                     write(j + 1, lo, hi, self._act(states[st.src][lo:hi]))
                     continue
                 p = bounds[st.src][k + 1]
-                h = torch.addmm(biases[j][lo:hi], weights[st.layer][lo:hi, :p], states[st.src][:p])
+                args = (biases[j][lo:hi], weights[st.layer][lo:hi, :p], states[st.src][:p])
+                if not track:  # straight into the state's rows, activated in place
+                    h = torch.addmm(*args, out=states[j + 1][lo:hi])
+                    if st.skip is not None:
+                        h += states[st.skip][lo:hi]
+                    if st.act:
+                        activated = self._act_fresh(h)
+                        if activated is not h:  # no in-place form (gelu)
+                            h.copy_(activated)
+                    continue
+                h = torch.addmm(*args)
                 if st.skip is not None:
                     h = h + states[st.skip][lo:hi]
                 write(j + 1, lo, hi, self._act(h) if st.act else h)
