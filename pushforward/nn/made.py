@@ -566,20 +566,15 @@ class _BlockTriangularLinear(torch.autograd.Function):
         ctx, h: Tensor, weight: Tensor, bias: Tensor, mask: Tensor, blocks, transposed=False
     ):  # type: ignore[override]
         h2 = h.reshape(-1, h.shape[-1])
+        rows, width = h2.shape[0], weight.shape[0]
+        # transposed: the transpose of a contiguous (out features, rows) matrix, which BLAS
+        # writes in place like a contiguous one
+        out = h2.new_empty(width, rows).t() if transposed else h2.new_empty(rows, width)
         masked = []
-        if transposed:  # the product transposed: (out features, rows) contiguous
-            out_t = h2.new_empty(weight.shape[0], h2.shape[0])
-            for lo, hi, _, p in blocks:
-                wm = weight[lo:hi, :p] * mask[lo:hi, :p]
-                torch.addmm(bias[lo:hi, None], wm, h2[:, :p].t(), out=out_t[lo:hi])
-                masked.append(wm)
-            out = out_t.t()
-        else:
-            out = h2.new_empty(h2.shape[0], weight.shape[0])
-            for lo, hi, _, p in blocks:
-                wm = weight[lo:hi, :p] * mask[lo:hi, :p]
-                torch.addmm(bias[lo:hi], h2[:, :p], wm.t(), out=out[:, lo:hi])
-                masked.append(wm)
+        for lo, hi, _, p in blocks:
+            wm = weight[lo:hi, :p] * mask[lo:hi, :p]
+            torch.addmm(bias[lo:hi], h2[:, :p], wm.t(), out=out[:, lo:hi])
+            masked.append(wm)
         ctx.blocks = blocks
         ctx.batch_shape = h.shape[:-1]
         ctx.save_for_backward(h, weight, mask, *masked)  # h itself: graph-connected

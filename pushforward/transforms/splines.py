@@ -96,11 +96,6 @@ def _exact_products(u: Tensor) -> bool:
     return True
 
 
-@functools.cache
-def _identity(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.eye(n, dtype=dtype, device=device)
-
-
 class _Constants(NamedTuple):
     mins: Tensor  # (2,): the minimal bin width and height, as fractions of the interval
     free: Tensor  # (2,): 1 - K * mins, the share of the interval the softmaxes distribute
@@ -109,6 +104,7 @@ class _Constants(NamedTuple):
     # (3K - 1,) int64: the rows of u in bin-major order, (width, height) of bin 0, of bin 1,
     # ..., then the derivatives
     order: Tensor
+    identity: Tensor  # (3K - 1, 3K - 1): the backward's transposition as a product
     # 0-dim tensors of the dtype for the scalars of the arithmetic: an operation with a Python
     # number first wraps it in a tensor and converts that (a second allocation and copy)
     zero: Tensor
@@ -149,6 +145,7 @@ def _constants(
         mins[:, None] * steps,
         torch.tensor([-1, 0], device=device),
         order,
+        torch.eye(3 * bins - 1, dtype=dtype, device=device),
         *map(scalar, (0.0, 1.0, 2.0, bound, 2 * bound, 0.5 / bound, min_d, shift)),
         scalar(torch.finfo(dtype).tiny),
     )
@@ -243,7 +240,7 @@ def _rq_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The per-entry chain rule of :func:`_rq_forward`: the gradients ``a`` with respect to
     the bin's left knots ``(x0, y0)`` and ``b`` to its sizes ``(w, h)``, ``(2, *batch)`` each,
-    to its knot derivatives ``(d0, d1)``, and to the input."""
+    to its knot derivatives ``(d0, d1)``, and to the unit input ``xi`` (inside the interval)."""
     w, h, d0, d1, s, c2, t, omt, t1, tt, den, numer, shape_a, inside = q
     go = torch.where(inside, grad_y, c.zero).mul_(c.width)  # with respect to the unit output
     # with respect to the forward map's log-derivative
@@ -281,8 +278,7 @@ def _rq_backward(
     else:
         a = torch.stack([-g_xi, go])
         b = torch.stack([torch.addcmul(-g_sw, g_xi, t, value=-1), torch.addcmul(g_s / w, p, ya)])
-    grad_x = torch.where(inside, g_xi * c.unit, grad_y)
-    return a, b, g_d, grad_x
+    return a, b, g_d, g_xi
 
 
 class _Spline(torch.autograd.Function):
@@ -415,9 +411,10 @@ class _Spline(torch.autograd.Function):
             grad_y = torch.zeros_like(entry.t)
         if grad_lad is None:
             grad_lad = torch.zeros_like(entry.t)
-        a, b, g_d, grad_x = _rq_backward(grad_y, grad_lad, entry, inverse, c)
-        if not ctx.needs_input_grad[1]:
-            grad_x = None
+        a, b, g_d, g_xi = _rq_backward(grad_y, grad_lad, entry, inverse, c)
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_x = torch.where(entry.inside, g_xi * c.unit, grad_y)
         if not ctx.needs_input_grad[0]:
             return (None, grad_x, *nones)
         bins, batch = e.shape[0], index.shape
@@ -445,7 +442,7 @@ class _Spline(torch.autograd.Function):
             # the transposition as a product with the identity, which BLAS does in
             # cache-sized blocks: as fast as a strided copy on a few thousand entries, faster
             # on tens of thousands (512 x 43 x 23 parameters: the backward 2.5 -> 2.0 ms)
-            torch.mm(g, _identity(3 * bins - 1, g.dtype, g.device), out=out.view(-1, shape[-1]))
+            torch.mm(g, c.identity, out=out.view(-1, shape[-1]))
         else:
             out.view(-1, shape[-1]).copy_(g)
         return (out.movedim(-1, 0), grad_x, *nones)
