@@ -10,10 +10,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pushforward import native
 from pushforward.core import PushforwardError
 from pushforward.transforms.splines import RQSplineTransformer, rational_quadratic_spline
 
 B = 5.0
+
+
+@pytest.fixture(autouse=True, params=["compiled", "reference"])
+def spline_path(request, monkeypatch):
+    """Every test of this module runs on both paths: the compiled CPU kernel
+    (``pushforward/csrc/rqspline.cpp``) and the pure-PyTorch reference."""
+    monkeypatch.setenv("PUSHFORWARD_NATIVE", "1" if request.param == "compiled" else "0")
+    if request.param == "compiled" and native.library("rqspline") is None:
+        pytest.skip(f"compiled spline kernel: {native.status()['rqspline']}")
+    return request.param
 
 
 def reference(x, uw, uh, ud, bound=B, mw=1e-3, mh=1e-3, md=1e-3):

@@ -1,0 +1,157 @@
+"""Optional compiled CPU kernels, built on first use with the machine's C++ compiler.
+
+The kernels (sources in ``pushforward/csrc``) fuse what would otherwise be dozens of small
+PyTorch calls into one pass. They are an acceleration only: every kernel has a pure-PyTorch
+reference path that computes the same thing, which is used on other devices, where no
+compiler is found, where the build fails, or with ``PUSHFORWARD_NATIVE=0`` in the
+environment. The library is complete and correct without them.
+
+A kernel is compiled once per machine, source and compiler (``-O3 -march=native``, or without
+``-march=native`` where the compiler refuses it; about 2 s) into the cache directory,
+``$PUSHFORWARD_CACHE`` or ``$XDG_CACHE_HOME/pushforward`` (default ``~/.cache/pushforward``),
+written to a temporary name and renamed into place, so concurrent processes never load a
+half-written library. The compiler is ``$CXX`` if set, else ``c++``,
+``g++`` or ``clang++`` from the ``PATH``. :func:`status` says which kernels are in use and,
+for any that is not, why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+__all__ = ["library", "status", "cache_dir", "enabled"]
+
+_SOURCES = Path(__file__).with_name("csrc")
+_FLAGS = (
+    "-O3",
+    # no implicit fused multiply-adds (the kernels fuse explicitly where accuracy needs it)
+    "-ffp-contract=off",
+    "-fno-math-errno",
+    "-fopenmp-simd",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+)
+_lock = threading.Lock()
+_loaded: dict[str, ctypes.CDLL | None] = {}
+_why: dict[str, str] = {}
+
+
+def enabled() -> bool:
+    """Whether compiled kernels may be used (``PUSHFORWARD_NATIVE`` is not ``0``)."""
+    return os.environ.get("PUSHFORWARD_NATIVE", "1").strip().lower() not in ("0", "false", "no")
+
+
+def cache_dir() -> Path:
+    """Where the compiled kernels are kept."""
+    if os.environ.get("PUSHFORWARD_CACHE"):
+        return Path(os.environ["PUSHFORWARD_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pushforward"
+
+
+def _compiler() -> str | None:
+    if os.environ.get("CXX"):
+        return shutil.which(os.environ["CXX"])
+    for name in ("c++", "g++", "clang++"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _machine() -> str:
+    """What ``-march=native`` depends on: the architecture and the CPU's feature flags."""
+    text = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features", "model name")):
+                    text += line
+    except OSError:
+        pass
+    return text
+
+
+def _build(name: str) -> ctypes.CDLL:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
+    source = (_SOURCES / f"{name}.cpp").read_bytes()
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, timeout=30
+    ).stdout
+    directory = cache_dir()
+    # the machine's own instruction set first; a portable build where the compiler refuses it
+    variants = [(*_FLAGS, "-march=native"), _FLAGS]
+
+    def target(flags: tuple[str, ...]) -> Path:
+        parts = (source, compiler, version, " ".join(flags), _machine())
+        key = hashlib.sha256(b"\0".join(p if isinstance(p, bytes) else p.encode() for p in parts))
+        return directory / f"{name}-{key.hexdigest()[:20]}.so"
+
+    for flags in variants:
+        if target(flags).exists():
+            return ctypes.CDLL(str(target(flags)))
+    directory.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in variants:
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            src = Path(tmp) / f"{name}.cpp"
+            src.write_bytes(source)
+            built = Path(tmp) / f"{name}.so"
+            result = subprocess.run(
+                [compiler, *flags, "-o", str(built), str(src)],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            if result.returncode == 0:
+                os.replace(built, target(flags))
+                return ctypes.CDLL(str(target(flags)))
+            errors.append((result.stderr.strip().splitlines() or ["(no message)"])[-1])
+    raise RuntimeError(f"{Path(compiler).name} failed: {errors[-1]}")
+
+
+def library(name: str) -> ctypes.CDLL | None:
+    """The compiled kernel library ``name`` (``csrc/NAME.cpp``), built on first use, or
+    ``None`` where it cannot be used (then callers take their reference path)."""
+    if not enabled():
+        return None
+    if name in _loaded:
+        return _loaded[name]
+    with _lock:
+        if name not in _loaded:
+            try:
+                _loaded[name] = _build(name)
+            except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+                _loaded[name] = None
+                _why[name] = str(err)
+    return _loaded[name]
+
+
+def status() -> dict[str, str]:
+    """For every kernel source: ``"in use"``, or why the reference path runs instead.
+
+    Example:
+        >>> sorted(status())
+        ['rqspline']
+    """
+    report = {}
+    for path in sorted(_SOURCES.glob("*.cpp")):
+        name = path.stem
+        if not enabled():
+            report[name] = "disabled by PUSHFORWARD_NATIVE"
+        elif library(name) is not None:
+            report[name] = "in use"
+        else:
+            report[name] = f"not available: {_why.get(name, 'unknown')}"
+    return report
