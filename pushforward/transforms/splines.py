@@ -184,13 +184,16 @@ def _safe_exponent(dtype: torch.dtype) -> float:
     return 0.4 * -math.log(torch.finfo(dtype).tiny)
 
 
-_KERNEL_TYPES = {torch.float32: (ctypes.c_float, "f32"), torch.float64: (ctypes.c_double, "f64")}
+#: the compiled forward (returns the number of rows the shared shift 0 does not serve) and
+#: backward
+_Kernels = tuple[Callable[..., int], Callable[..., None]]
+_KERNEL_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
 @functools.cache
-def _bind(lib: ctypes.CDLL, dtype: torch.dtype) -> tuple[Callable[..., None], Callable[..., None]]:
+def _bind(lib: ctypes.CDLL, dtype: torch.dtype) -> _Kernels:
     """The compiled forward and backward of ``lib`` for ``dtype``, with their signatures."""
-    suffix = _KERNEL_TYPES[dtype][1]
+    suffix = _KERNEL_SUFFIX[dtype]
     n, ptr, flag = ctypes.c_long, ctypes.c_void_p, ctypes.c_int
     fwd = getattr(lib, f"rqspline_forward_{suffix}")
     fwd.argtypes = [n, n, ptr, ptr, ptr, ptr, ptr, flag, ptr]
@@ -210,10 +213,10 @@ def _pointers(*tensors: Tensor) -> list[int]:
     return [t.data_ptr() for t in tensors]
 
 
-def _kernels(u: Tensor) -> tuple[Callable[..., None], Callable[..., None]] | None:
+def _kernels(u: Tensor) -> _Kernels | None:
     """The compiled kernel pair for ``u``'s dtype, where it can run (the CPU, float32 or
     float64, a compiler found; see :mod:`pushforward.native`), else ``None``."""
-    if u.device.type != "cpu" or u.dtype not in _KERNEL_TYPES:
+    if u.device.type != "cpu" or u.dtype not in _KERNEL_SUFFIX:
         return None
     lib = native.library("rqspline")
     return None if lib is None else _bind(lib, u.dtype)
@@ -472,7 +475,7 @@ class _Spline(torch.autograd.Function):
     @staticmethod
     def compiled_forward(
         ctx: FunctionCtx,
-        kernels: tuple[Callable[..., None], Callable[..., None]],
+        kernels: _Kernels,
         u: Tensor,
         x: Tensor,
         inverse: bool,
