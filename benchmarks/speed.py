@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- CPU: {cpu_name()} ({os.cpu_count()} logical cores), torch threads: {s.threads}")
     print("- float32; data: standard normal, the same tensors for every library")
     kernels = ", ".join(f"{k} {v}" for k, v in native.status().items())
-    print(f"- pushforward's compiled kernels: {kernels} (PUSHFORWARD_NATIVE=0: none)")
+    print(f"- pushforward's compiled kernels: {kernels}")
     print(
         f"- up to {s.train_repeats} (train) / {s.eval_repeats} (log_prob) / "
         f"{s.sample_repeats} (sample) timed runs after {s.train_warmup} / {s.eval_warmup} / "

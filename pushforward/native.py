@@ -100,8 +100,12 @@ def _build(name: str) -> ctypes.CDLL:
 
     for flags in variants:
         if target(flags).exists():
-            return ctypes.CDLL(str(target(flags)))
-    directory.mkdir(parents=True, exist_ok=True)
+            try:
+                return ctypes.CDLL(str(target(flags)))
+            except OSError:
+                target(flags).unlink(missing_ok=True)  # damaged: built again below
+    # private to the user: a library planted here would be loaded
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     errors = []
     for flags in variants:
         with tempfile.TemporaryDirectory(dir=directory) as tmp:

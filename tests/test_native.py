@@ -181,3 +181,17 @@ def test_built_once_then_loaded_from_the_cache(monkeypatch, tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
     assert built.stat().st_mtime_ns == stamp
     assert native.status() == {"rqspline": "in use"}
+
+
+@needs_kernel
+def test_a_damaged_cached_library_is_built_again(monkeypatch, tmp_path):
+    cache = tmp_path / "cache"
+    fresh_loader(monkeypatch, cache)
+    assert native.library("rqspline") is not None
+    assert (cache.stat().st_mode & 0o777) == 0o700  # made private to the user
+    (built,) = cache.glob("rqspline-*.so")
+    built.write_bytes(b"not a shared library")
+    # a new process (this one has the library loaded already, which dlopen would reuse)
+    code = "import pushforward.native as n; assert n.library('rqspline') is not None, n.status()"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
+    assert built.read_bytes() != b"not a shared library"
