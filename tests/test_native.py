@@ -94,6 +94,29 @@ def test_compiled_per_row_shift_and_partial_gradients(inverse, monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("flag", ["1", "0"])
+def test_mixed_dtypes_are_computed_in_the_promoted_one(flag, monkeypatch):
+    """float32 inputs with float64 parameters (or the reverse): the same as both in float64,
+    gradients included, on either path."""
+    monkeypatch.setenv("PUSHFORWARD_NATIVE", flag)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(9, generator=g) * 3
+    w, h = torch.randn(2, 9, 5, generator=g, dtype=torch.float64)
+    d = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    for inputs, params in (((x,), (w, h, d)), ((x.double(),), (w.float(), h.float(), d.float()))):
+        xx = inputs[0].clone().requires_grad_()
+        y, lad = rational_quadratic_spline(xx, *params)
+        (gx,) = torch.autograd.grad(y.sum() + lad.sum(), xx)
+        promoted = [t.double() for t in (*inputs, *params)]
+        x64 = promoted[0].requires_grad_()
+        y64, lad64 = rational_quadratic_spline(x64, *promoted[1:])
+        (gx64,) = torch.autograd.grad(y64.sum() + lad64.sum(), x64)
+        assert y.dtype == lad.dtype == torch.float64 and gx.dtype == inputs[0].dtype
+        torch.testing.assert_close(y, y64, atol=1e-12, rtol=0)
+        torch.testing.assert_close(lad, lad64, atol=1e-12, rtol=0)
+        torch.testing.assert_close(gx, gx64.to(gx.dtype), atol=1e-6, rtol=1e-6)
+
+
 @needs_kernel
 def test_nsf_flow_compiled_matches_reference(monkeypatch):
     """A whole NSF (MADE-driven, feature-major parameters) and a coupling spline flow: the same
@@ -136,7 +159,12 @@ def test_without_a_compiler_the_reference_path_runs(monkeypatch, tmp_path):
     fresh_loader(monkeypatch, tmp_path)
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     assert native.library("rqspline") is None
-    assert "no C++ compiler" in native.status()["rqspline"]
+    assert "no-such-compiler' is not an executable" in native.status()["rqspline"]
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.delenv("CXX")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert native.library("rqspline") is None
+    assert "no C++ compiler found" in native.status()["rqspline"]
     spline_works()
 
 

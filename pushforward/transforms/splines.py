@@ -213,10 +213,17 @@ def _pointers(*tensors: Tensor) -> list[int]:
     return [t.data_ptr() for t in tensors]
 
 
-def _kernels(u: Tensor) -> _Kernels | None:
-    """The compiled kernel pair for ``u``'s dtype, where it can run (the CPU, float32 or
-    float64, a compiler found; see :mod:`pushforward.native`), else ``None``."""
-    if u.device.type != "cpu" or u.dtype not in _KERNEL_SUFFIX:
+def _kernels(u: Tensor, x: Tensor) -> _Kernels | None:
+    """The compiled kernel pair for ``u``'s dtype, where it can run (``u`` and ``x`` on the
+    CPU, of one dtype, float32 or float64, not empty, a compiler found; see
+    :mod:`pushforward.native`), else ``None``."""
+    if (
+        u.device.type != "cpu"
+        or x.device != u.device
+        or u.dtype not in _KERNEL_SUFFIX
+        or x.dtype != u.dtype
+        or not x.numel()
+    ):
         return None
     lib = native.library("rqspline")
     return None if lib is None else _bind(lib, u.dtype)
@@ -385,8 +392,8 @@ class _Spline(torch.autograd.Function):
         ones = (1,) * len(batch)
         dtype, device = u.dtype, u.device
         c = _constants(bins, bound, min_w, min_h, min_d, shift, dtype, device)
-        kernels = _kernels(u)
-        if kernels is not None and x.numel():
+        kernels = _kernels(u, x)
+        if kernels is not None:
             return _Spline.compiled_forward(ctx, kernels, u, x, inverse, shift, c)
         ctx.kernels = None
         xi = x.clamp(-bound, bound).add_(c.bound).mul_(c.unit)
@@ -629,7 +636,11 @@ def _unconstrained(
 ) -> tuple[Tensor, Tensor]:
     """Broadcast ``x`` ``(*b)`` against ``u`` ``(*b, 3K - 1)`` and run the spline on a
     parameter-major view of ``u`` (no copy: the first pass over the logits writes contiguous
-    storage, the backward writes the gradient in the layout of ``u``)."""
+    storage, the backward writes the gradient in the layout of ``u``). Inputs and parameters
+    of two dtypes are both computed in the promoted one."""
+    if x.dtype != u.dtype:
+        common = torch.promote_types(x.dtype, u.dtype)
+        x, u = x.to(common), u.to(common)
     shape = torch.broadcast_shapes(x.shape, u.shape[:-1])
     # on the CPU, try one shift (0) for every logit instead of a maximum per row over strided
     # logits; the forward checks that it serves every row (elsewhere the check would cost a
