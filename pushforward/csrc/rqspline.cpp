@@ -1,8 +1,8 @@
 // The monotone rational-quadratic spline of pushforward/transforms/splines.py as one compiled
-// pass per direction (forward map and its gradient), for the CPU. The same arithmetic, in the
-// same order, as the pure-PyTorch path there, which stays the reference (and the path on
-// other devices); see that module for the formulas and their reference (Durkan et al., 2019,
-// arXiv:1906.04304).
+// pass per direction (forward map and its gradient), for the CPU. The same formulas, with
+// the operations in the same order, as the pure-PyTorch path there, which stays the
+// reference (and the path on other devices); see that module for the formulas and their
+// reference (Durkan et al., 2019, arXiv:1906.04304).
 //
 // One deliberate difference: the inverse's quadratic coefficients and discriminant are
 // computed with their products exact (fused multiply-adds), at least as accurate as the
@@ -11,6 +11,7 @@
 // Layout: parameter-major and contiguous, row r of entry i at [r * n + i]. The entries are
 // processed in blocks of BLOCK; every innermost loop runs over the entries of a block, so the
 // compiler vectorises it (the bin is selected by comparisons and blends, never by branches).
+// No address depends on the data, so any values, NaN and infinities included, stay in bounds.
 //
 // The exponentials of the bin logits, the softplus of the derivative logits and the final
 // logarithms stay in PyTorch (vectorised library calls); this file does everything between
