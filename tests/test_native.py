@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pushforward import flows, native
+from pushforward.transforms import splines
 from pushforward.transforms.splines import RQSplineTransformer, rational_quadratic_spline
 
 needs_kernel = pytest.mark.skipif(
@@ -21,11 +22,22 @@ needs_kernel = pytest.mark.skipif(
 
 
 def run_both(fn, monkeypatch):
-    """``fn()`` on the compiled path, then on the reference path."""
+    """``fn()`` on the compiled path, then on the reference path (checked: the compiled run
+    calls the kernel, the reference run does not)."""
+    calls = []
+    compiled_forward = splines._Spline.compiled_forward
+
+    def counted(*args):
+        calls.append(1)
+        return compiled_forward(*args)
+
+    monkeypatch.setattr(splines._Spline, "compiled_forward", staticmethod(counted))
     out = []
     for flag in ("1", "0"):
         monkeypatch.setenv("PUSHFORWARD_NATIVE", flag)
+        before = len(calls)
         out.append(fn())
+        assert (len(calls) > before) == (flag == "1")
     return out
 
 
