@@ -90,24 +90,25 @@ def _build(name: str) -> ctypes.CDLL:
         [compiler, "--version"], capture_output=True, text=True, timeout=30
     ).stdout
     directory = cache_dir()
-    # the machine's own instruction set first; a portable build where the compiler refuses it
-    variants = [(*_FLAGS, "-march=native"), _FLAGS]
+    machine = _machine()
 
     def target(flags: tuple[str, ...]) -> Path:
-        parts = (source, compiler, version, " ".join(flags), _machine())
+        parts = (source, compiler, version, " ".join(flags), machine)
         key = hashlib.sha256(b"\0".join(p if isinstance(p, bytes) else p.encode() for p in parts))
         return directory / f"{name}-{key.hexdigest()[:20]}.so"
 
-    for flags in variants:
-        if target(flags).exists():
+    # the machine's own instruction set first; a portable build where the compiler refuses it
+    variants = {flags: target(flags) for flags in [(*_FLAGS, "-march=native"), _FLAGS]}
+    for path in variants.values():
+        if path.exists():
             try:
-                return ctypes.CDLL(str(target(flags)))
+                return ctypes.CDLL(str(path))
             except OSError:
-                target(flags).unlink(missing_ok=True)  # damaged: built again below
+                path.unlink(missing_ok=True)  # damaged: built again below
     # private to the user: a library planted here would be loaded
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     errors = []
-    for flags in variants:
+    for flags, path in variants.items():
         with tempfile.TemporaryDirectory(dir=directory) as tmp:
             src = Path(tmp) / f"{name}.cpp"
             src.write_bytes(source)
@@ -119,8 +120,8 @@ def _build(name: str) -> ctypes.CDLL:
                 timeout=300,
             )
             if result.returncode == 0:
-                os.replace(built, target(flags))
-                return ctypes.CDLL(str(target(flags)))
+                os.replace(built, path)
+                return ctypes.CDLL(str(path))
             errors.append((result.stderr.strip().splitlines() or ["(no message)"])[-1])
     raise RuntimeError(f"{Path(compiler).name} failed: {errors[-1]}")
 

@@ -69,27 +69,19 @@ inline void locate(long n, long bins, long i0, long m, const T* __restrict e,
     }
     // the knots: cumulative sums in order, as the reference's loop; the scale needs the
     // totals, so the knots are compared after a first pass for the totals
-    T tw[BLOCK], th[BLOCK];
-#pragma omp simd
-    for (long j = 0; j < m; ++j) {
-        tw[j] = T(0);
-        th[j] = T(0);
-    }
     for (long k = 0; k < bins; ++k) {
         const T* ew = ew0 + k * n;
         const T* eh = eh0 + k * n;
 #pragma omp simd
         for (long j = 0; j < m; ++j) {
-            tw[j] = k ? tw[j] + ew[j] : ew[j];
-            th[j] = k ? th[j] + eh[j] : eh[j];
+            b.tw[j] = k ? b.tw[j] + ew[j] : ew[j];
+            b.th[j] = k ? b.th[j] + eh[j] : eh[j];
         }
     }
 #pragma omp simd
     for (long j = 0; j < m; ++j) {
-        b.tw[j] = tw[j];
-        b.th[j] = th[j];
-        b.sw[j] = c.free_w / tw[j];
-        b.sh[j] = c.free_h / th[j];
+        b.sw[j] = c.free_w / b.tw[j];
+        b.sh[j] = c.free_h / b.th[j];
     }
     const T mins = inverse ? c.min_h : c.min_w;
     for (long k = 1; k < bins; ++k) {
