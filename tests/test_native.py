@@ -230,7 +230,11 @@ def test_a_damaged_cached_library_is_built_again(monkeypatch, tmp_path):
     assert native.library("rqspline") is not None
     assert (cache.stat().st_mode & 0o777) == 0o700  # made private to the user
     (built,) = cache.glob("rqspline-*.so")
-    built.write_bytes(b"not a shared library")
+    # damaged by replacing the file: writing into it would truncate the copy this process
+    # has mapped, and the next touch of its pages (at exit, at the latest) is a bus error
+    damaged = cache / "damaged"
+    damaged.write_bytes(b"not a shared library")
+    os.replace(damaged, built)
     # a new process (this one has the library loaded already, which dlopen would reuse)
     code = "import pushforward.native as n; assert n.library('rqspline') is not None, n.status()"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
