@@ -2,7 +2,8 @@
 
 A model directory holds
 
-* ``model.safetensors``: the :class:`~pushforward.distributions.Flow`'s ``state_dict``;
+* ``model.safetensors``: the :class:`~pushforward.distributions.Flow`'s ``state_dict`` (its
+  one metadata entry, ``"pushforward"``, holds the format and version as JSON);
 * ``config.json``: how to rebuild it, e.g.::
 
       {"format": "pushforward", "format_version": 3, "library_version": "0.1.0",
@@ -107,6 +108,18 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def safetensors_bytes(tensors: dict[str, Tensor], info: dict[str, Any]) -> bytes:
+    """``tensors`` as a safetensors file, with ``info`` as JSON under its one metadata key
+    ``"pushforward"``.
+
+    One key, not one per entry: safetensors writes its metadata map in hash order, which differs
+    from call to call, so two identical runs would write different bytes (and checksums).
+    """
+    from safetensors.torch import save
+
+    return save(tensors, metadata={"pushforward": json.dumps(info)})
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -407,9 +420,7 @@ def save_model(
     with torch.random.fork_rng(devices=[]):  # rebuilding must not move the caller's RNG
         expected = model_from_config(config, f"config for {d}").state_dict()
     _compare(expected, state, f"config for {d} does not match the flow")
-    from safetensors.torch import save as st_save
-
-    blob = st_save(state, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    blob = safetensors_bytes(state, {"format": FORMAT, "format_version": FORMAT_VERSION})
     config["weights_sha256"] = hashlib.sha256(blob).hexdigest()
     text = _json_bytes(config)
     d.mkdir(parents=True, exist_ok=True)

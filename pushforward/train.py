@@ -885,9 +885,7 @@ class _Checkpoint:
         extra: dict[str, Tensor],
         meta: dict[str, Any],
     ) -> None:
-        from safetensors.torch import save
-
-        from .io import write_atomic
+        from .io import safetensors_bytes, write_atomic
 
         tensors = {f"model.{k}": v for k, v in _snapshot(flow).items()}
         tensors.update({f"best.{k}": v.detach().clone() for k, v in best.items()})
@@ -902,12 +900,11 @@ class _Checkpoint:
             "param_groups": groups,
             "scheduler": None if scheduler is None else scheduler.state_dict(),
         }
-        text = json.dumps(meta)
         self.folder.mkdir(parents=True, exist_ok=True)
         # contiguous: safetensors stores plain row-major tensors (convolution weights and their
         # optimizer moments may be channels-last)
         tensors = {k: v.contiguous() for k, v in tensors.items()}
-        write_atomic(self.path, save(tensors, metadata={"pushforward": text}))
+        write_atomic(self.path, safetensors_bytes(tensors, meta))
         readable = json.dumps({k: v for k, v in meta.items() if k not in ("rng", "epoch_rng")})
         write_atomic(self.folder / CHECKPOINT_JSON, (readable + "\n").encode())
 

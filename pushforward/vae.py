@@ -985,8 +985,6 @@ def save_vae(
     import hashlib
     import json
 
-    from safetensors.torch import save as st_save
-
     from .io import (
         CONFIG_FILE,
         FORMAT,
@@ -995,6 +993,7 @@ def save_vae(
         _library_version,
         _state,
         check_save_directory,
+        safetensors_bytes,
         write_atomic,
         write_json,
     )
@@ -1017,7 +1016,8 @@ def save_vae(
         json.dumps(config, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise PushforwardError(f"cannot write the VAE config as JSON: {e}") from None
-    blob = st_save(_state(model), metadata={"format": FORMAT, "kind": KIND})
+    info = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": KIND}
+    blob = safetensors_bytes(_state(model), info)
     config["weights_sha256"] = hashlib.sha256(blob).hexdigest()
     d.mkdir(parents=True, exist_ok=True)
     write_atomic(d / MODEL_FILE, blob)
