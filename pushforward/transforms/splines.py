@@ -67,7 +67,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
 from .. import native
 from ..core import PushforwardError, Transformer, check_positive_int, shape_str
@@ -372,6 +372,8 @@ class _Spline(torch.autograd.Function):
     then the softmax, cumulative-sum and gather steps in one pass over the parameters. The
     bin index is piecewise constant and gets no gradient. On the CPU the compiled kernel does
     the same (:meth:`compiled_forward`, :meth:`compiled_backward`) where it is available.
+    Under ``create_graph`` the backward is autograd's through :func:`_differentiable_spline`
+    (:meth:`differentiable_backward`), so that higher derivatives are exact.
     """
 
     @staticmethod
@@ -474,7 +476,7 @@ class _Spline(torch.autograd.Function):
         # all through save_for_backward (saved-tensor hooks, such as checkpointing or
         # offloading, then see them; on ctx they would save 3 µs a call)
         ctx.save_for_backward(
-            u, e, below, index, total, cum_bin, e_bin, scale, theta_d, pair, interior, *entry
+            u, x, e, below, index, total, cum_bin, e_bin, scale, theta_d, pair, interior, *entry
         )
         ctx.inverse, ctx.constants, ctx.native = inverse, c, native is not None
         return y, lad
@@ -536,7 +538,7 @@ class _Spline(torch.autograd.Function):
         lad = torch.add(lg[0], lg[1])
         if inverse:
             lad.neg_()
-        ctx.save_for_backward(u, e, sp, theta_d, xc)
+        ctx.save_for_backward(u, x, e, sp, theta_d, xc)
         ctx.kernels, ctx.inverse, ctx.constants = kernels, inverse, c
         ctx.native = native_u is not None
         return y.view(batch), lad.view(batch)
@@ -547,7 +549,7 @@ class _Spline(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         """The backward by the compiled kernel: it recomputes the bin and the per-entry
         quantities from the exponentiated logits instead of saving them."""
-        u, e, sp, theta_d, xc = ctx.saved_tensors
+        u, _, e, sp, theta_d, xc = ctx.saved_tensors
         c, n = ctx.constants, xc.numel()
         bins = (u.shape[0] + 1) // 3
         gy = xc.new_zeros(n) if grad_y is None else grad_y.reshape(n).contiguous()
@@ -563,13 +565,16 @@ class _Spline(torch.autograd.Function):
         return (grad_u, grad_x, *(None,) * 7)
 
     @staticmethod
-    @once_differentiable
     def backward(  # type: ignore[override]
         ctx: FunctionCtx, grad_y: Tensor | None, grad_lad: Tensor | None
     ) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():
+            # create_graph (a Hessian, a gradient penalty): the hand-written gradient would be
+            # a constant to autograd, and every higher derivative through it silently 0
+            return _Spline.differentiable_backward(ctx, grad_y, grad_lad)
         if ctx.kernels is not None:
             return _Spline.compiled_backward(ctx, grad_y, grad_lad)
-        u, e, below, index, total, cum_bin, e_bin, scale, theta_d, pair, interior, *rest = (
+        u, _, e, below, index, total, cum_bin, e_bin, scale, theta_d, pair, interior, *rest = (
             ctx.saved_tensors
         )
         entry = _Entry(*rest)
@@ -602,6 +607,56 @@ class _Spline(torch.autograd.Function):
             g_d.mul_(torch.sigmoid(theta_d)).mul_(interior)
             grad[2 * bins :].zero_().scatter_add_(0, pair, g_d)
         return (_to_layout(grad, u, ctx.native, c), grad_x, *nones)
+
+    @staticmethod
+    def differentiable_backward(
+        ctx: FunctionCtx, grad_y: Tensor | None, grad_lad: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        """The backward under ``create_graph``: the spline evaluated again by differentiable
+        operations (:func:`_differentiable_spline`) from the saved inputs, and its gradient
+        taken with a graph, so that derivatives of every order are exact."""
+        u, x = ctx.saved_tensors[:2]
+        needs = ctx.needs_input_grad[:2]
+        with torch.enable_grad():
+            y, lad = _differentiable_spline(u, x, ctx.inverse, ctx.constants)
+            given = [(o, g) for o, g in ((y, grad_y), (lad, grad_lad)) if g is not None]
+            found = iter(
+                torch.autograd.grad(
+                    [o for o, _ in given],
+                    [t for t, need in zip((u, x), needs) if need],
+                    [g for _, g in given],
+                    create_graph=True,
+                    materialize_grads=True,  # zeros, not None, where nothing depends on it
+                )
+            )
+        return (*(next(found) if need else None for need in needs), *(None,) * 7)
+
+
+def _differentiable_spline(
+    u: Tensor, x: Tensor, inverse: bool, c: _Constants
+) -> tuple[Tensor, Tensor]:
+    """The spline of :class:`_Spline` (``u`` ``(3K - 1, *batch)``, ``x`` ``(*batch)``) in plain
+    differentiable PyTorch operations: slower and heavier than the hand-written passes, used
+    only where a graph of the gradient is wanted. Same knots, bin search and per-entry map
+    (:func:`_rq_forward`), so the same values up to rounding."""
+    bins, ones = (u.shape[0] + 1) // 3, (1,) * x.dim()
+    # bin sizes in unit coordinates, (2, K, *batch): widths and heights
+    sizes = torch.softmax(u[: 2 * bins].unflatten(0, (2, bins)), dim=1)
+    sizes = c.mins.view(2, 1, *ones) + c.free.view(2, 1, *ones) * sizes
+    left = torch.cumsum(sizes, dim=1) - sizes  # the left knots
+    xi = (x.clamp(-c.bound, c.bound) + c.bound) * c.unit
+    row = int(inverse)
+    index = (left[row, 1:] <= xi).sum(0)  # interior knots at or below xi
+    select = index.expand(2, 1, *index.shape)
+    x0, y0 = left.gather(1, select).squeeze(1).unbind(0)
+    w, h = sizes.gather(1, select).squeeze(1).unbind(0)
+    # knot derivatives 1, min_d + softplus(theta + shift) for the interior knots, 1
+    boundary = torch.ones((1, *x.shape), dtype=u.dtype, device=u.device)
+    d = torch.cat([boundary, F.softplus(u[2 * bins :] + c.shift) + c.min_d, boundary])
+    d0 = d.gather(0, index.unsqueeze(0)).squeeze(0)
+    d1 = d.gather(0, (index + 1).unsqueeze(0)).squeeze(0)
+    y, lad, _ = _rq_forward(x, xi, x0, y0, w, h, d0, d1, inverse, c)
+    return y, lad
 
 
 def _to_layout(grad: Tensor, u: Tensor, native: bool, c: _Constants) -> Tensor:
@@ -694,8 +749,9 @@ def rational_quadratic_spline(
     on the clamped input and the tails selected afterwards).
 
     Cost: :math:`O(K)` per entry in both directions (the bin is found by comparison with all
-    knots, which is vectorised); both directions are exact and equally fast. Gradients are
-    first-order only (the backward is hand-written; a double backward raises an error).
+    knots, which is vectorised); both directions are exact and equally fast. The backward is
+    hand-written; under ``create_graph`` (a Hessian, a gradient penalty) the spline is
+    evaluated again with differentiable operations, so derivatives of every order are exact.
 
     Args:
         x: inputs, shape ``(*batch)``.
