@@ -8,6 +8,8 @@ A new transform gets every check from one line: add a :class:`Case` to the list 
 (b) each direction's ladj against ``slogdet`` of the full Jacobian computed by autograd;
 (c) a batch of one equals the corresponding row of a batch, and leading batch shapes work;
 (d) for 1-D and 2-D events, the pushed-forward density integrates to 1 (within 1e-3);
+(e) second derivatives (a Hessian, a gradient penalty) are exact: autograd's
+    Hessian-vector product converges to finite differences of the gradient;
 plus: gradients reach every parameter, a state_dict round trip through safetensors gives
 identical outputs, and (conditional transforms) the context changes the output and a missing
 context is a clear error.
@@ -122,6 +124,7 @@ def check_directions(case: Case, t: Transform, z: Tensor, c: Tensor | None) -> N
     assert li.shape == (batch,), f"inverse ladj shape {tuple(li.shape)}, expected ({batch},)"
     _close(z2, z, case.atol, "round trip inverse(forward(z))")
     _close(lf + li, torch.zeros_like(lf), max(case.atol, 1e-9), "forward + inverse ladj")
+    check_second_derivatives(t, z, c, "second derivatives")
     for i in range(min(3, batch)):
         ci = _row(c, i)
         ld = jacobian_logdet(lambda u, ci=ci: t(u, ci)[0], z[i])
@@ -133,6 +136,42 @@ def check_directions(case: Case, t: Transform, z: Tensor, c: Tensor | None) -> N
         scale = 1.0 + float(x[i].detach().abs().max()) + float(lf[i].detach().abs())
         _close(xi[0], x[i], 1e-10 * scale, f"batch of one vs row {i} of a batch (output)")
         _close(lfi[0], lf[i], 1e-10 * scale, f"batch of one vs row {i} of a batch (ladj)")
+
+
+def check_second_derivatives(t: Transform, z: Tensor, c: Tensor | None, what: str) -> None:
+    """A Taylor test of the Hessian-vector product ``H v`` of ``s(z) = <a, t(z)> + ladj(z)``
+    that autograd computes through the gradient (``create_graph``): the central differences
+    ``(g(z + e v) - g(z - e v)) / 2e`` of the first-order gradient ``g`` converge to it as
+    ``e^2``. A derivative that autograd cannot see through (a hand-written backward, a root
+    found without a graph) would leave an error that does not shrink with ``e``."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        x = t(z, c)[0]
+    a = torch.randn(x.shape, generator=gen, dtype=z.dtype)
+    v = torch.randn(z.shape, generator=gen, dtype=z.dtype)
+
+    def grad(u: Tensor, graph: bool = False) -> Tensor:
+        u = u.detach().requires_grad_()
+        out, ladj = t(u, c)
+        (g,) = torch.autograd.grad((a * out).sum() + ladj.sum(), u, create_graph=graph)
+        if not graph:
+            return g
+        if not g.requires_grad:  # a gradient constant in z: the Hessian is 0
+            return torch.zeros_like(z)
+        (hv,) = torch.autograd.grad((g * v).sum(), u, allow_unused=True)
+        return torch.zeros_like(z) if hv is None else hv
+
+    hv = grad(z, graph=True)
+    errors = []
+    for eps in (1e-5, 1e-6, 1e-7):
+        fd = (grad(z + eps * v) - grad(z - eps * v)) / (2 * eps)
+        errors.append(float((hv - fd).abs().max()) / (1.0 + float(fd.abs().max())))
+    # converged, or still converging quadratically (steep maps have large third derivatives)
+    assert min(errors) < 1e-6 or errors[-1] * 30 < errors[-2], (
+        f"{what}: Hessian-vector product vs finite differences of the gradient: relative "
+        f"errors {', '.join(f'{e:.3g}' for e in errors)} at steps 1e-5, 1e-6, 1e-7 (not "
+        "converging)"
+    )
 
 
 def check_integrates(case: Case, t: Transform) -> None:

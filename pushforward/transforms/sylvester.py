@@ -298,8 +298,9 @@ class SylvesterOrthogonal(_Sylvester):
     (:math:`c_i, a_j` known from :math:`v_{>i}`) inside the bracket of half-width
     :math:`|r_{ii}|` around its right-hand side, by safeguarded Newton
     (:func:`~pushforward.numerics.monotone_solve`, relative tolerance ``1e-12`` in float64,
-    ``1e-6`` in float32); then :math:`z = x + Q (v - w)`. Gradients of the inverse are exact
-    (implicit function theorem, :func:`~pushforward.numerics.implicit_step`, per coordinate).
+    ``1e-6`` in float32); then :math:`z = x + Q (v - w)`. Derivatives of the inverse are
+    exact up to the third order (implicit function theorem,
+    :func:`~pushforward.numerics.implicit_step`, per coordinate).
     The result is backward stable (its image is :math:`x` to rounding); its error is that of
     :math:`x` times the condition number of the inverse, which next to the boundary
     :math:`r_{ii} \tilde r_{ii} = -1` compounds the factors
