@@ -10,8 +10,11 @@ A kernel is compiled once per machine, source and compiler (``-O3 -march=native`
 ``-march=native`` where the compiler refuses it; about 2 s) into the cache directory,
 ``$PUSHFORWARD_CACHE`` or ``$XDG_CACHE_HOME/pushforward`` (default ``~/.cache/pushforward``),
 written to a temporary name and renamed into place, so concurrent processes never load a
-half-written library. The compiler is ``$CXX`` if set, else ``c++``, ``g++`` or ``clang++``
-from the ``PATH``. :func:`status` says which kernels are in use and, for any that is not, why.
+half-written library. Each load refreshes the library's modification time; after building a
+new one, the loader deletes the builds of the same kernel unused for 30 days (other sources,
+compilers or machines), so the cache does not grow with every upgrade. The compiler is
+``$CXX`` if set, else ``c++``, ``g++`` or ``clang++`` from the ``PATH``. :func:`status` says
+which kernels are in use and, for any that is not, why.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 __all__ = ["library", "status", "cache_dir", "enabled"]
@@ -39,6 +43,8 @@ _FLAGS = (
     "-shared",
     "-fPIC",
 )
+#: builds of a kernel not loaded for this long are deleted when a new one is built
+_STALE_SECONDS = 30 * 24 * 3600
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
 _why: dict[str, str] = {}
@@ -102,9 +108,12 @@ def _build(name: str) -> ctypes.CDLL:
     for path in variants.values():
         if path.exists():
             try:
-                return ctypes.CDLL(str(path))
+                lib = ctypes.CDLL(str(path))
             except OSError:
                 path.unlink(missing_ok=True)  # damaged: built again below
+            else:
+                _touch(path)
+                return lib
     # private to the user: a library planted here would be loaded
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     errors = []
@@ -121,9 +130,32 @@ def _build(name: str) -> ctypes.CDLL:
             )
             if result.returncode == 0:
                 os.replace(built, path)
+                _prune(name, keep=path)
                 return ctypes.CDLL(str(path))
             errors.append((result.stderr.strip().splitlines() or ["(no message)"])[-1])
     raise RuntimeError(f"{Path(compiler).name} failed: {errors[-1]}")
+
+
+def _touch(path: Path) -> None:
+    """Mark a cached library as in use (its modification time: access times are often not
+    kept)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass  # a read-only cache still serves
+
+
+def _prune(name: str, keep: Path) -> None:
+    """Delete the cached builds of kernel ``name`` other than ``keep`` that no process has
+    loaded for :data:`_STALE_SECONDS`. A process that has one loaded keeps its copy (deleting
+    a file never touches a mapping of it)."""
+    limit = time.time() - _STALE_SECONDS
+    for old in keep.parent.glob(f"{name}-*.so"):
+        try:
+            if old != keep and old.stat().st_mtime < limit:
+                old.unlink()
+        except OSError:
+            pass  # gone already, or not ours to delete
 
 
 def library(name: str) -> ctypes.CDLL | None:

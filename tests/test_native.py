@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -206,7 +207,8 @@ def test_built_once_then_loaded_from_the_cache(monkeypatch, tmp_path):
     fresh_loader(monkeypatch, tmp_path)
     assert native.library("rqspline") is not None
     (built,) = tmp_path.glob("rqspline-*.so")
-    stamp = built.stat().st_mtime_ns
+    inode, long_ago = built.stat().st_ino, time.time() - 7 * 24 * 3600
+    os.utime(built, (long_ago, long_ago))
     # a new process finds it in the cache and does not compile again
     code = (
         "import subprocess, pushforward.native as n\n"
@@ -219,8 +221,24 @@ def test_built_once_then_loaded_from_the_cache(monkeypatch, tmp_path):
     )
     env = {**os.environ, "PUSHFORWARD_CACHE": str(tmp_path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
-    assert built.stat().st_mtime_ns == stamp
+    assert built.stat().st_ino == inode  # the same file, not a new build renamed into place
+    assert built.stat().st_mtime > long_ago + 3600  # marked as in use
     assert native.status() == {"rqspline": "in use"}
+
+
+@needs_kernel
+def test_a_new_build_deletes_the_builds_unused_for_30_days(monkeypatch, tmp_path):
+    fresh_loader(monkeypatch, tmp_path)
+    stale, recent = tmp_path / "rqspline-0000.so", tmp_path / "rqspline-1111.so"
+    other = tmp_path / "otherkernel-2222.so"  # another kernel's build: not this one's to prune
+    for f in (stale, recent, other):
+        f.write_bytes(b"an earlier build")
+    month_ago = time.time() - 31 * 24 * 3600
+    for f in (stale, other):
+        os.utime(f, (month_ago, month_ago))
+    assert native.library("rqspline") is not None
+    assert not stale.exists() and recent.exists() and other.exists()
+    assert len(list(tmp_path.glob("rqspline-*.so"))) == 2  # the new build and the recent one
 
 
 @needs_kernel
