@@ -14,7 +14,15 @@ from torch import Tensor
 
 from .core import PushforwardError
 
-__all__ = ["default_tol", "monotone_solve", "implicit_step", "safe_norm"]
+__all__ = ["default_tol", "monotone_solve", "implicit_step", "safe_norm", "under_functorch"]
+
+
+def under_functorch() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``jacrev``, ``hessian``, ``vmap``, ...) is
+    running: the library's hand-written autograd Functions (the fused spline, MADE's
+    block-triangular products) then step aside for the same computation in plain PyTorch
+    operations, which those transforms can trace."""
+    return bool(torch._C._are_functorch_transforms_active())
 
 
 def default_tol(dtype: torch.dtype) -> float:

@@ -314,3 +314,22 @@ def test_dtype_conversion_pickling_and_batch_shapes() -> None:
 def test_doctests() -> None:
     result = doctest.testmod(made_module, extraglobs={"torch": torch}, report=False)
     assert result.attempted > 0 and result.failed == 0, str(result)
+
+
+def test_torch_func_transforms_trace_the_dense_products() -> None:
+    # torch.func (jacrev, hessian) cannot trace the block-triangular autograd Function; under
+    # it the MADE takes the dense masked products: the same Jacobian as plain autograd's
+    torch.manual_seed(4)
+    made = MADE(9, (40, 40), heads=2, context_features=2, block_size=8).double()
+    perturb_parameters(made)
+    assert made._blocks and made._output_blocks is not None
+    x, c = torch.randn(9, dtype=torch.float64), torch.randn(1, 2, dtype=torch.float64)
+
+    def f(v: torch.Tensor) -> torch.Tensor:
+        return made(v.unsqueeze(0), c).reshape(-1)
+
+    jac = torch.func.jacrev(f)(x)
+    torch.testing.assert_close(jac, torch.autograd.functional.jacobian(f, x), atol=1e-13, rtol=0)
+    # and the autoregressive property holds in it: output i depends on inputs of lower degree
+    lower = made.order.unsqueeze(1) > made.order.unsqueeze(0)  # [i, j]: j precedes i
+    assert torch.all(jac.view(9, 2, 9)[~lower.unsqueeze(1).expand(9, 2, 9)] == 0)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import PushforwardError, check_context, check_features, check_positive_int
+from ..numerics import under_functorch
 
 __all__ = ["MADE", "hidden_degrees"]
 
@@ -363,12 +364,13 @@ class MADE(nn.Module):
         check_features(x, self.features)
         c = check_context(context, self.context_features, x.shape[:-1])
         states: list[Tensor | None] = [x]
+        plain = under_functorch()  # the dense products, which torch.func can trace
         for st, release in zip(self._stages, self._release):
             if st.layer is None:
                 h = self._act(states[st.src])
             else:
                 layer, mask = self.layers[st.layer], getattr(self, f"mask{st.layer}")
-                blocks = self._blocks.get(st.layer)
+                blocks = None if plain else self._blocks.get(st.layer)
                 if blocks is None:
                     h = F.linear(states[st.src], layer.weight * mask, layer.bias)
                 else:
@@ -384,7 +386,7 @@ class MADE(nn.Module):
             for s in release:
                 states[s] = None
             states.append(h)
-        if self._output_blocks is not None:
+        if self._output_blocks is not None and not plain:
             out = _BlockTriangularLinear.apply(
                 states[-1], self.output.weight, self.output.bias, self.mask_output,
                 self._output_blocks, transposed,

@@ -62,7 +62,7 @@ import functools
 import math
 import numbers
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,7 @@ from torch.autograd.function import FunctionCtx
 
 from .. import native
 from ..core import PushforwardError, Transformer, check_positive_int, shape_str
+from ..numerics import under_functorch
 
 __all__ = ["rational_quadratic_spline", "RQSplineTransformer"]
 
@@ -138,7 +139,17 @@ class _Constants(NamedTuple):
 
 
 @functools.cache
-def _constants(
+def _constants(*key: Any) -> _Constants:
+    """Per-setting constant tensors, made once (never written to), for
+    ``(bins, bound, min_w, min_h, min_d, shift, dtype, device)``. Made outside inference mode
+    (inference tensors could not be saved by the differentiable path's autograd); under a
+    ``torch.func`` transform, where every new tensor is wrapped for that call only, use
+    :func:`_make_constants` instead."""
+    with torch.inference_mode(False):
+        return _make_constants(*key)
+
+
+def _make_constants(
     bins: int,
     bound: float,
     min_w: float,
@@ -148,7 +159,7 @@ def _constants(
     dtype: torch.dtype,
     device: torch.device,
 ) -> _Constants:
-    """Per-setting constant tensors, made once (never written to)."""
+    """The constant tensors of :func:`_constants`, made afresh."""
     mins = torch.tensor([min_w, min_h], dtype=dtype, device=device)
     steps = torch.arange(1, bins, dtype=dtype, device=device)
     order = torch.cat(
@@ -697,6 +708,13 @@ def _unconstrained(
         common = torch.promote_types(x.dtype, u.dtype)
         x, u = x.to(common), u.to(common)
     shape = torch.broadcast_shapes(x.shape, u.shape[:-1])
+    if under_functorch():
+        # torch.func (jacrev, hessian, vmap) cannot trace the hand-written Function: the same
+        # spline in plain differentiable operations
+        bins = (u.shape[-1] + 1) // 3
+        c = _make_constants(bins, bound, min_w, min_h, min_d, shift, u.dtype, u.device)
+        u = u.expand(*shape, u.shape[-1]).movedim(-1, 0)
+        return _differentiable_spline(u, x.expand(shape), inverse, c)
     # on the CPU, try one shift (0) for every logit instead of a maximum per row over strided
     # logits; the forward checks that it serves every row (elsewhere the check would cost a
     # device synchronisation)
