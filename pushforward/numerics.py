@@ -173,19 +173,21 @@ def implicit_step(
 ) -> Tensor:
     r"""Attach the implicit-function derivatives to a root ``u`` of ``f(u) = target``.
 
-    Two Newton steps with autograd, the first from the detached solution,
+    Two steps with autograd from the detached solution, a Newton step and a chord step with
+    the same slope :math:`s = f'(u)`,
 
-    .. math:: u_1 = u - \frac{f(u) - t}{f'(u)}, \qquad u_2 = u_1 - \frac{f(u_1) - t}{f'(u_1)},
+    .. math:: u_1 = u - \frac{f(u) - t}{s}, \qquad u_2 = u_1 - \frac{f(u_1) - t}{s},
 
     have (to rounding) the value of ``u``. As functions of ``target`` and of every tensor ``f``
-    closes over, :math:`u_1` differs from the true root by the square of their change
-    (Newton's quadratic convergence from a fixed start) and :math:`u_2` by its fourth power:
-    the derivatives of :math:`u_2` are exact up to the third order, by the implicit function
-    theorem (:math:`\partial u / \partial t = 1 / f'(u)`, :math:`\partial u / \partial
-    \theta = -(\partial f / \partial \theta) / f'(u)`, and the derivatives of those, as a
-    Hessian or a gradient penalty needs; one step alone would give exact first derivatives
-    and second derivatives of 0). Use it after :func:`monotone_solve` when the solution must
-    carry gradients. Where ``f'(u) <= 0`` (a degenerate map) a step is skipped.
+    closes over, :math:`u_1` differs from the true root by the square of their change (Newton's
+    quadratic convergence from a fixed start) and :math:`u_2` by its cube, so the derivatives
+    of :math:`u_2` are exact up to the second order, by the implicit function theorem:
+    :math:`\partial u / \partial t = 1 / f'(u)`, :math:`\partial u / \partial \theta =
+    -(\partial f / \partial \theta) / f'(u)`, and the derivatives of those that a Hessian or
+    a gradient penalty needs (one step alone gives exact first derivatives and second
+    derivatives of 0; the chord step costs one more evaluation of ``f``, not of ``f'``). Use
+    it after :func:`monotone_solve` when the solution must carry gradients. Where
+    ``f'(u) <= 0`` (a degenerate map) both steps are skipped.
 
     Example:
         >>> t = torch.tensor([8.0], requires_grad=True)
@@ -198,10 +200,11 @@ def implicit_step(
         (-0.006944, -0.006944444444444444)
     """
     u = u.detach()
+    slope = df(u)
+    positive = slope > 0
+    slope = torch.where(positive, slope, torch.ones_like(slope))
     for _ in range(2):
-        slope = df(u)
-        positive = slope > 0
-        step = (f(u) - target) / torch.where(positive, slope, torch.ones_like(slope))
+        step = (f(u) - target) / slope
         u = u - torch.where(positive, step, torch.zeros_like(step))
     return u
 

@@ -197,10 +197,11 @@ def _inverse(
             return torch.exp(lad)
 
         root = monotone_solve(f, y.detach(), lo, hi, tol=tol, df=df)
-    # two Newton steps with autograd (as in pushforward.numerics.implicit_step): the value of
-    # the root and, by the implicit function theorem, its exact derivatives with respect to y
-    # and the parameters up to the third order: dx/dy = 1 / f'(x), dx/dtheta = -(df/dtheta) /
-    # f'(x), and theirs (a single step would make every second derivative 0)
+    # two Newton steps with autograd (pushforward.numerics.implicit_step's scheme, with full
+    # Newton steps: each evaluation gives the slope too): the value of the root and, by the
+    # implicit function theorem, its exact derivatives with respect to y and the parameters
+    # up to the third order: dx/dy = 1 / f'(x), dx/dtheta = -(df/dtheta) / f'(x), and theirs
+    # (a single step would make every second derivative 0)
     x = root
     value, lad = _dsf(x, a, log_a, b, log_w)
     big = math.log(torch.finfo(lad.dtype).max) - 1  # 1/slope stays finite (0 * inf is NaN)

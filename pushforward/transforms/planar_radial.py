@@ -90,7 +90,7 @@ class Planar(Transform):
     :math:`y / (1 + w^\top \hat u)`, and (``tanh``, :math:`|h| \le 1`) within
     :math:`|w^\top \hat u|` of :math:`y`; :func:`~pushforward.numerics.monotone_solve` finds it
     by safeguarded Newton to relative tolerance ``1e-12`` (float64; ``1e-6`` in float32), then
-    :math:`z = x - \hat u\, h(a)`. Derivatives of the inverse are exact up to the third
+    :math:`z = x - \hat u\, h(a)`. Derivatives of the inverse are exact up to the second
     order (implicit function theorem, :func:`~pushforward.numerics.implicit_step`).
 
     Cost: ``forward`` :math:`O(d)` per sample; ``inverse`` :math:`O(d)` plus a few (typically

@@ -299,7 +299,7 @@ class SylvesterOrthogonal(_Sylvester):
     :math:`|r_{ii}|` around its right-hand side, by safeguarded Newton
     (:func:`~pushforward.numerics.monotone_solve`, relative tolerance ``1e-12`` in float64,
     ``1e-6`` in float32); then :math:`z = x + Q (v - w)`. Derivatives of the inverse are
-    exact up to the third order (implicit function theorem,
+    exact up to the second order (implicit function theorem,
     :func:`~pushforward.numerics.implicit_step`, per coordinate).
     The result is backward stable (its image is :math:`x` to rounding); its error is that of
     :math:`x` times the condition number of the inverse, which next to the boundary
