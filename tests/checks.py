@@ -9,7 +9,8 @@ A new transform gets every check from one line: add a :class:`Case` to the list 
 (c) a batch of one equals the corresponding row of a batch, and leading batch shapes work;
 (d) for 1-D and 2-D events, the pushed-forward density integrates to 1 (within 1e-3);
 (e) second derivatives (a Hessian, a gradient penalty) are exact: autograd's
-    Hessian-vector product converges to finite differences of the gradient;
+    Hessian-vector product, and its mixed derivative of the input gradient with respect to
+    the parameters, converge to finite differences of the gradient;
 plus: gradients reach every parameter, a state_dict round trip through safetensors gives
 identical outputs, and (conditional transforms) the context changes the output and a missing
 context is a clear error.
@@ -139,39 +140,72 @@ def check_directions(case: Case, t: Transform, z: Tensor, c: Tensor | None) -> N
 
 
 def check_second_derivatives(t: Transform, z: Tensor, c: Tensor | None, what: str) -> None:
-    """A Taylor test of the Hessian-vector product ``H v`` of ``s(z) = <a, t(z)> + ladj(z)``
-    that autograd computes through the gradient (``create_graph``): the central differences
-    ``(g(z + e v) - g(z - e v)) / 2e`` of the first-order gradient ``g`` converge to it as
-    ``e^2``. A derivative that autograd cannot see through (a hand-written backward, a root
-    found without a graph) would leave an error that does not shrink with ``e``."""
+    """Taylor tests of the second derivatives of ``s = <a, t(z)> + ladj(z)`` that autograd
+    computes through its gradient ``g = ds/dz`` (``create_graph``), as a Hessian or a gradient
+    penalty needs: the Hessian-vector product ``H v`` against the central differences
+    ``(g(z + e v) - g(z - e v)) / 2e``, and the mixed derivative ``w^T (dg/dtheta) r`` (a
+    random direction ``r`` of the parameters) against the differences of ``w^T g`` with the
+    parameters moved by ``+-e r``. Both converge as ``e^2``; a derivative that autograd cannot
+    see through (a hand-written backward, a root found without a graph) would leave an error
+    that does not shrink with ``e``."""
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         x = t(z, c)[0]
     a = torch.randn(x.shape, generator=gen, dtype=z.dtype)
     v = torch.randn(z.shape, generator=gen, dtype=z.dtype)
+    w = torch.randn(z.shape, generator=gen, dtype=z.dtype)
+    params = [p for p in t.parameters() if p.requires_grad]
+    r = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
 
     def grad(u: Tensor, graph: bool = False) -> Tensor:
-        u = u.detach().requires_grad_()
+        """``g`` at ``u`` (a leaf that requires grad when ``graph``)."""
+        u = u if graph else u.detach().requires_grad_()
         out, ladj = t(u, c)
         (g,) = torch.autograd.grad((a * out).sum() + ladj.sum(), u, create_graph=graph)
-        if not graph:
-            return g
-        if not g.requires_grad:  # a gradient constant in z: the Hessian is 0
-            return torch.zeros_like(z)
-        (hv,) = torch.autograd.grad((g * v).sum(), u, allow_unused=True)
-        return torch.zeros_like(z) if hv is None else hv
+        return g if graph else g.detach()
 
-    hv = grad(z, graph=True)
-    errors = []
-    for eps in (1e-5, 1e-6, 1e-7):
-        fd = (grad(z + eps * v) - grad(z - eps * v)) / (2 * eps)
-        errors.append(float((hv - fd).abs().max()) / (1.0 + float(fd.abs().max())))
-    # converged, or still converging quadratically (steep maps have large third derivatives)
-    assert min(errors) < 1e-6 or errors[-1] * 30 < errors[-2], (
-        f"{what}: Hessian-vector product vs finite differences of the gradient: relative "
-        f"errors {', '.join(f'{e:.3g}' for e in errors)} at steps 1e-5, 1e-6, 1e-7 (not "
-        "converging)"
-    )
+    def converges(exact: Tensor, differences: Callable[[float], Tensor], name: str) -> None:
+        errors = []
+        for eps in (1e-5, 1e-6, 1e-7):
+            fd = differences(eps)
+            errors.append(float((exact - fd).abs().max()) / (1.0 + float(fd.abs().max())))
+        # converged, or still converging quadratically (steep maps have large third
+        # derivatives)
+        assert min(errors) < 1e-6 or errors[-1] * 30 < errors[-2], (
+            f"{what}: {name} vs finite differences of the gradient: relative errors "
+            f"{', '.join(f'{e:.3g}' for e in errors)} at steps 1e-5, 1e-6, 1e-7 (not "
+            "converging)"
+        )
+
+    u = z.detach().requires_grad_()
+    g = grad(u, graph=True)
+    # H v, with respect to the input
+    hv = torch.zeros_like(z)
+    if g.requires_grad:
+        (found,) = torch.autograd.grad((g * v).sum(), u, retain_graph=True, allow_unused=True)
+        hv = hv if found is None else found
+    converges(hv, lambda e: (grad(z + e * v) - grad(z - e * v)) / (2 * e), "Hessian-vector product")
+    if not params:
+        return
+    # w^T (dg/dtheta) r, with respect to the parameters
+    mixed = torch.zeros((), dtype=z.dtype)
+    if g.requires_grad:
+        found = torch.autograd.grad((g * w).sum(), params, allow_unused=True)
+        mixed = sum(((f * d).sum() for f, d in zip(found, r) if f is not None), mixed)
+    saved = [p.detach().clone() for p in params]
+
+    def moved(e: float) -> Tensor:
+        with torch.no_grad():
+            for p, p0, d in zip(params, saved, r):
+                p.copy_(p0 + e * d)
+        return (grad(z) * w).sum()
+
+    try:
+        converges(mixed, lambda e: (moved(e) - moved(-e)) / (2 * e), "mixed second derivative")
+    finally:
+        with torch.no_grad():
+            for p, p0 in zip(params, saved):
+                p.copy_(p0)
 
 
 def check_integrates(case: Case, t: Transform) -> None:
