@@ -73,8 +73,23 @@ def check_event(x: Tensor, event_shape: Sequence[int], name: str = "input") -> N
         raise PushforwardError(f"{name}: expected shape {expected}, got {shape_str(x.shape)}")
 
 
+def _vmapped(x: Tensor) -> bool:
+    """Whether ``x`` is batched by ``torch.func.vmap``, at any level of functorch wrapping."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(x):
+        if functorch.is_batchedtensor(x):
+            return True
+        x = functorch.get_unwrapped(x)
+    return False
+
+
 def check_finite(x: Tensor, name: str = "input") -> None:
-    """Raise :class:`PushforwardError` if ``x`` holds NaN or infinite values."""
+    """Raise :class:`PushforwardError` if ``x`` holds NaN or infinite values.
+
+    Under ``torch.func.vmap`` the check is skipped: it is a data-dependent branch, which vmap
+    cannot run (NaN inputs then give NaN outputs, as in plain PyTorch)."""
+    if _vmapped(x):
+        return
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).sum())
         raise PushforwardError(f"{name} contains {bad} NaN or infinite value(s)")
