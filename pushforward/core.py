@@ -39,6 +39,7 @@ __all__ = [
     "check_context",
     "check_finite",
     "check_features",
+    "vmapped",
     "check_positive_int",
     "shape_str",
 ]
@@ -73,7 +74,7 @@ def check_event(x: Tensor, event_shape: Sequence[int], name: str = "input") -> N
         raise PushforwardError(f"{name}: expected shape {expected}, got {shape_str(x.shape)}")
 
 
-def _vmapped(x: Tensor) -> bool:
+def vmapped(x: Tensor) -> bool:
     """Whether ``x`` is batched by ``torch.func.vmap``, at any level of functorch wrapping."""
     functorch = torch._C._functorch
     while functorch.is_functorch_wrapped_tensor(x):
@@ -88,7 +89,7 @@ def check_finite(x: Tensor, name: str = "input") -> None:
 
     Under ``torch.func.vmap`` the check is skipped: it is a data-dependent branch, which vmap
     cannot run (NaN inputs then give NaN outputs, as in plain PyTorch)."""
-    if _vmapped(x):
+    if vmapped(x):
         return
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).sum())

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .core import PushforwardError
+from .core import PushforwardError, vmapped
 
 __all__ = ["default_tol", "monotone_solve", "implicit_step", "safe_norm", "under_functorch"]
 
@@ -50,17 +50,18 @@ def _from_ordinal(o: Tensor, dtype: torch.dtype) -> Tensor:
     return bits.view(dtype)
 
 
-def _midpoint(lo: Tensor, hi: Tensor) -> Tensor:
+def _midpoint(lo: Tensor, hi: Tensor, batched: bool = False) -> Tensor:
     """The next bisection point of ``[lo, hi]``: the arithmetic midpoint, or, for a bracket
     spanning many binades (``hi - lo > 16 max(1, min |end|)``), the midpoint of the floats in
     it in order, which shrinks any finite float64 bracket to a few binades in under 64 steps
-    (arithmetic halving would need about 1000 from ``[0, 1e300]``)."""
+    (arithmetic halving would need about 1000 from ``[0, 1e300]``). ``batched``: under
+    ``torch.func.vmap``, without the shortcut that tests the data."""
     mid = lo / 2 + hi / 2
     if lo.dtype not in _ORDINAL:
         return mid
     scale = torch.where(lo * hi > 0, torch.minimum(lo.abs(), hi.abs()), 0.0).clamp_min(1.0)
     wide = hi - lo > 16 * scale
-    if not bool(wide.any()):
+    if not batched and not bool(wide.any()):
         return mid
     a, b = _ordinal(lo), _ordinal(hi)
     o = (a >> 1) + (b >> 1) + (a & b & 1)  # floor((a + b) / 2) without overflow
@@ -96,7 +97,9 @@ def monotone_solve(
     ``hi`` (every element at once, including those already converged), so closures over
     per-element parameters work unchanged. The solve runs under :func:`torch.no_grad`: the
     result is a constant for autograd; callers that need gradients recompute the forward map at
-    the solution, or attach them with :func:`implicit_step`.
+    the solution, or attach them with :func:`implicit_step`. Under ``torch.func.vmap`` (which
+    cannot branch on the data) the bracket is not validated and all ``max_iter`` iterations
+    run, converged elements staying where they are.
 
     Args:
         f: elementwise, monotone non-decreasing function.
@@ -119,32 +122,34 @@ def monotone_solve(
     """
     with torch.no_grad():
         target, lo, hi = torch.broadcast_tensors(*(torch.as_tensor(v) for v in (target, lo, hi)))
+        batched = any(vmapped(v) for v in (target, lo, hi))
         dtype = torch.promote_types(torch.promote_types(target.dtype, lo.dtype), hi.dtype)
         if not dtype.is_floating_point:
             dtype = torch.get_default_dtype()
         target, lo, hi = target.to(dtype), lo.to(dtype).clone(), hi.to(dtype).clone()
-        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        if not batched and not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
             raise PushforwardError("monotone_solve: the bracket [lo, hi] must be finite")
-        if (lo > hi).any():
+        if not batched and (lo > hi).any():
             bad = int((lo > hi).sum())
             raise PushforwardError(f"monotone_solve: lo > hi in {bad} element(s) of the bracket")
         tol = default_tol(dtype) if tol is None else float(tol)
 
-        u = _midpoint(lo, hi)
+        u = _midpoint(lo, hi, batched)
         # the last two steps (Newton's safeguard: a step must halve the one before last);
         # a bisection counts as the distance it moves, half the bracket
         step = step_old = torch.full_like(u, float("inf"))
         done = torch.zeros_like(u, dtype=torch.bool)
         for _ in range(max_iter):
             r = f(u) - target
+            batched = batched or vmapped(r)  # f may close over vmapped tensors
             # shrink the bracket with what f(u) says (NaN comparisons are False: no move)
             lo = torch.where(~done & (r <= 0), u, lo)
             hi = torch.where(~done & (r >= 0), u, hi)
             scale = tol * u.abs().clamp_min(1.0)
             done = done | (r == 0) | (hi - lo <= scale)
-            if bool(done.all()):
+            if not batched and bool(done.all()):
                 break
-            new = _midpoint(lo, hi)
+            new = _midpoint(lo, hi, batched)
             if df is not None:
                 slope = df(u)
                 newton = u - r / slope

@@ -93,21 +93,11 @@ def test_torch_func_hessian_of_log_prob(name: str) -> None:
     torch.testing.assert_close(hess, want, atol=1e-8, rtol=1e-8)
 
 
-#: flows whose log_prob has a data-dependent loop or check that vmap cannot run: a numerical
-#: inverse (bracketed Newton until converged) and the piecewise-linear flow's range check
-NOT_VMAPPABLE = {
-    "planar",
-    "sylvester-orthogonal",
-    "sylvester-householder",
-    "sylvester-triangular",
-    "piecewise-linear",
-}
-
-
-@pytest.mark.parametrize("name", [n for n in VECTOR if n not in NOT_VMAPPABLE])
+@pytest.mark.parametrize("name", VECTOR)
 def test_torch_func_vmap_and_per_sample_gradients(name: str) -> None:
     # vmap over single rows gives the batched log_prob, and vmap(grad) the per-sample
-    # gradients with respect to the parameters (what differentially private training needs)
+    # gradients with respect to the parameters (what differentially private training needs),
+    # numerical inverses (planar, Sylvester) included
     torch.manual_seed(0)
     flow = flows.build(name, 3, 2, **small_options(name)).double()
     perturb_parameters(flow, 0.05)

@@ -161,6 +161,37 @@ def test_implicit_step_gives_exact_gradients():
     torch.testing.assert_close(gtheta, -torch.tanh(u0) / slope)
 
 
+def test_implicit_step_gives_exact_second_derivatives():
+    # u(t) solves u + theta tanh(u) = t: u' = 1 / f'(u), u'' = -f''(u) / f'(u)^3, with
+    # f''(u) = -2 theta tanh(u) / cosh(u)^2 (one Newton step alone would give u'' = 0)
+    theta = torch.tensor([0.5, 2.0, -0.4], dtype=torch.float64)
+    target = torch.tensor([1.0, -3.0, 0.3], dtype=torch.float64, requires_grad=True)
+
+    def f(u):
+        return u + theta * torch.tanh(u)
+
+    def df(u):
+        return 1 + theta / torch.cosh(u) ** 2
+
+    u0 = monotone_solve(f, target, target.detach() - 3, target.detach() + 3, df=df)
+    u = implicit_step(f, target, u0, df)
+    (first,) = torch.autograd.grad(u.sum(), target, create_graph=True)
+    (second,) = torch.autograd.grad(first.sum(), target)
+    d2f = -2 * theta * torch.tanh(u0) / torch.cosh(u0) ** 2
+    torch.testing.assert_close(second, -d2f / df(u0) ** 3, rtol=1e-12, atol=1e-14)
+
+
+def test_monotone_solve_under_vmap():
+    # vmap cannot branch on the data: every iteration runs, and the roots are the same
+    targets = torch.tensor([8.0, -1.0, 27.0, 1e-3], dtype=torch.float64)
+
+    def solve(t):
+        lo, hi = torch.tensor(-10.0, dtype=torch.float64), torch.tensor(10.0, dtype=torch.float64)
+        return monotone_solve(lambda u: u**3, t, lo, hi, df=lambda u: 3 * u**2)
+
+    torch.testing.assert_close(torch.func.vmap(solve)(targets), solve(targets), rtol=0, atol=0)
+
+
 def test_safe_norm():
     v = torch.randn(4, 3, dtype=torch.float64)
     torch.testing.assert_close(safe_norm(v), torch.linalg.vector_norm(v, dim=-1))

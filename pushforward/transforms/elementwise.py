@@ -33,6 +33,7 @@ from ..core import (
     check_positive_int,
     shape_str,
     sum_event,
+    vmapped,
 )
 
 __all__ = [
@@ -418,7 +419,7 @@ class _Squash(Transform):
         _check_rank(x, self.event_dim)
         lo, hi = self.interval
         outside = (x < lo) | (x > hi)
-        if bool(outside.any()):
+        if not vmapped(x) and bool(outside.any()):  # vmap cannot branch on the data
             raise PushforwardError(
                 f"{type(self).__name__}: {int(outside.sum())} input value(s) outside the "
                 f"interval [{lo:g}, {hi:g}] (min {x.min().item():g}, max {x.max().item():g})"

@@ -31,6 +31,7 @@ from ..core import (
     check_event,
     check_finite,
     check_positive_int,
+    vmapped,
 )
 from ..numerics import implicit_step, monotone_solve, safe_norm
 from .householder import householder_apply
@@ -80,7 +81,8 @@ def orthogonalize(a: Tensor, tol: float | None = None, max_steps: int = 100) -> 
 
     Raises:
         PushforwardError: if some matrix has not converged after ``max_steps`` steps (it is
-            numerically rank deficient).
+            numerically rank deficient). Not under ``torch.func.vmap``, which cannot branch
+            on the data: there every step runs and the result is returned unchecked.
 
     References:
         Björck and Bowie (1971), "An iterative algorithm for computing the best estimate of an
@@ -104,13 +106,16 @@ def orthogonalize(a: Tensor, tol: float | None = None, max_steps: int = 100) -> 
     eye = torch.eye(m, dtype=a.dtype, device=a.device)
     done = torch.zeros(a.shape[:-2], dtype=torch.bool, device=a.device)
     err = torch.full_like(norm, float("inf"))
+    batched = vmapped(a)  # vmap cannot branch on the data: every step runs, nothing is checked
     for _ in range(max_steps):
         gap = eye - q.mT @ q
         err = torch.linalg.matrix_norm(gap.detach())
         q = torch.where(done[..., None, None], q, q + 0.5 * (q @ gap))
         done = done | (err * err <= tol)
-        if bool(done.all()):
+        if not batched and bool(done.all()):
             return q
+    if batched:
+        return q
     worst = float(err[~done].max())
     raise PushforwardError(
         f"orthogonalize: ||I - Q^T Q|| = {worst:.3g} after {max_steps} steps; the matrix is "
