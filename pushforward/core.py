@@ -76,7 +76,9 @@ def check_event(x: Tensor, event_shape: Sequence[int], name: str = "input") -> N
 
 def vmapped(x: Tensor) -> bool:
     """Whether ``x`` is batched by ``torch.func.vmap``, at any level of functorch wrapping."""
-    functorch = torch._C._functorch
+    functorch = getattr(torch._C, "_functorch", None)  # private: absent, nothing is vmapped
+    if functorch is None or not hasattr(functorch, "is_batchedtensor"):
+        return False
     while functorch.is_functorch_wrapped_tensor(x):
         if functorch.is_batchedtensor(x):
             return True

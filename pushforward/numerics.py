@@ -22,7 +22,8 @@ def under_functorch() -> bool:
     running: the library's hand-written autograd Functions (the fused spline, MADE's
     block-triangular products) then step aside for the same computation in plain PyTorch
     operations, which those transforms can trace."""
-    return bool(torch._C._are_functorch_transforms_active())
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)  # private API
+    return bool(active()) if active is not None else False
 
 
 def default_tol(dtype: torch.dtype) -> float:

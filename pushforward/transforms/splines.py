@@ -631,16 +631,17 @@ class _Spline(torch.autograd.Function):
         with torch.enable_grad():
             y, lad = _differentiable_spline(u, x, ctx.inverse, ctx.constants)
             given = [(o, g) for o, g in ((y, grad_y), (lad, grad_lad)) if g is not None]
-            found = iter(
-                torch.autograd.grad(
-                    [o for o, _ in given],
-                    [t for t, need in zip((u, x), needs) if need],
-                    [g for _, g in given],
-                    create_graph=True,
-                    materialize_grads=True,  # zeros, not None, where nothing depends on it
-                )
+            wanted = [t for t, need in zip((u, x), needs) if need]
+            found = torch.autograd.grad(
+                [o for o, _ in given],
+                wanted,
+                [g for _, g in given],
+                create_graph=True,
+                allow_unused=True,
             )
-        return (*(next(found) if need else None for need in needs), *(None,) * 7)
+        # zeros, not None, for an input nothing depends on (every entry in the tails)
+        grads = iter(torch.zeros_like(t) if g is None else g for g, t in zip(found, wanted))
+        return (*(next(grads) if need else None for need in needs), *(None,) * 7)
 
 
 def _differentiable_spline(
