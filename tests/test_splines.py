@@ -344,7 +344,7 @@ def test_gradgradcheck(inverse):
     # gradients of gradients (a Hessian, a gradient penalty) are exact: under create_graph the
     # backward evaluates the spline again with differentiable operations
     x = torch.tensor([-6.0, -4.9, -3.0, -1.0, 0.0, 0.5, 2.0, 4.9, 7.0], dtype=torch.float64)
-    for bins in (1, 2, 5):
+    for bins in (1, 3):
         w, h, d = params(x.shape[0], bins, scale=1.5, seed=bins)
         if inverse:
             x = rational_quadratic_spline(x, w, h, d)[0]
