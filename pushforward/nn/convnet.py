@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import PushforwardError, check_context, check_positive_int, shape_str
+from ..core import PushforwardError, check_context, check_positive_int, shape_str, vmapped
 
 __all__ = ["ConvResNet"]
 
@@ -166,7 +166,7 @@ class ConvResNet(nn.Module):
         elif c is not None:
             maps = c.reshape(-1, self.context_features, 1, 1).expand(-1, -1, h, w)
             x = torch.cat([x, maps.to(x.dtype)], 1)
-        if self.channels_last:
+        if self.channels_last and not vmapped(x):  # a layout hint vmap cannot query
             x = x.contiguous(memory_format=torch.channels_last)
         y = self.input(x)
         for block in self.blocks:
