@@ -7,6 +7,7 @@ import torch
 
 from pushforward import flows
 from pushforward.core import PushforwardError
+from pushforward.distributions import Flow
 from tests.checks import check_flow, perturb_parameters
 
 SMALL = {"hidden": (16, 16)}  # applied where a recipe has the option, to keep the suite fast
@@ -74,15 +75,30 @@ def test_autoregressive_options(name: str, options: dict) -> None:
     check_flow(name, 3, 0, **{**small_options(name), **options})
 
 
+def perturbed(name: str, features: int | tuple[int, ...], context: int) -> Flow:
+    """A registered flow in float64, off its identity start, in eval mode."""
+    torch.manual_seed(0)
+    flow = flows.build(name, features, context, **small_options(name)).double()
+    perturb_parameters(flow, 0.05)
+    return flow.eval()
+
+
+def assert_per_sample_gradients(flow: Flow, per_sample: dict, rows: list[int], *inputs) -> None:
+    """``per_sample`` (from ``vmap(grad)``) against one backward per row of ``inputs``."""
+    for i in rows:
+        flow.zero_grad()
+        flow.log_prob(*(t[i : i + 1] for t in inputs)).sum().backward()
+        for k, p in flow.named_parameters():
+            want = torch.zeros_like(p) if p.grad is None else p.grad
+            torch.testing.assert_close(per_sample[k][i], want, atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.parametrize("name", VECTOR)
 def test_torch_func_hessian_of_log_prob(name: str) -> None:
     # torch.func.hessian (forward-over-reverse) traces every vector flow, the hand-written
     # autograd Functions included (they step aside under torch.func), and agrees with
     # autograd's double backward
-    torch.manual_seed(0)
-    flow = flows.build(name, 3, 0, **small_options(name)).double()
-    perturb_parameters(flow, 0.05)
-    flow.eval()
+    flow = perturbed(name, 3, 0)
     x = torch.randn(3, dtype=torch.float64)
 
     def log_p(v: torch.Tensor) -> torch.Tensor:
@@ -98,10 +114,7 @@ def test_torch_func_vmap_and_per_sample_gradients(name: str) -> None:
     # vmap over single rows gives the batched log_prob, and vmap(grad) the per-sample
     # gradients with respect to the parameters (what differentially private training needs),
     # numerical inverses (planar, Sylvester) included
-    torch.manual_seed(0)
-    flow = flows.build(name, 3, 2, **small_options(name)).double()
-    perturb_parameters(flow, 0.05)
-    flow.eval()
+    flow = perturbed(name, 3, 2)
     x, c = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
     params = {k: v.detach() for k, v in flow.named_parameters()}
 
@@ -114,22 +127,14 @@ def test_torch_func_vmap_and_per_sample_gradients(name: str) -> None:
     lp = torch.func.vmap(flow_log_prob)(x, c)
     torch.testing.assert_close(lp, flow.log_prob(x, c), atol=1e-12, rtol=0)
     per_sample = torch.func.vmap(torch.func.grad(log_p), in_dims=(None, 0, 0))(params, x, c)
-    for i in range(2):
-        flow.zero_grad()
-        flow.log_prob(x[i : i + 1], c[i : i + 1]).sum().backward()
-        for k, p in flow.named_parameters():
-            want = torch.zeros_like(p) if p.grad is None else p.grad
-            torch.testing.assert_close(per_sample[k][i], want, atol=1e-10, rtol=1e-10)
+    assert_per_sample_gradients(flow, per_sample, [0, 1], x, c)
 
 
 @pytest.mark.parametrize("name", IMAGE)
 def test_torch_func_on_image_flows(name: str) -> None:
     # grad and vmap (log_prob, per-sample gradients) on the image flows too: the conditioners'
     # channels-last layout hint steps aside under vmap, which cannot query it
-    torch.manual_seed(0)
-    flow = flows.build(name, (1, 4, 4), 0, **small_options(name)).double()
-    perturb_parameters(flow, 0.05)
-    flow.eval()
+    flow = perturbed(name, (1, 4, 4), 0)
     x = torch.rand(3, 1, 4, 4, dtype=torch.float64) * 0.8 + 0.1
     params = {k: v.detach() for k, v in flow.named_parameters()}
 
@@ -144,11 +149,7 @@ def test_torch_func_on_image_flows(name: str) -> None:
     got = torch.func.grad(log_p, argnums=1)(params, x[0])
     torch.testing.assert_close(got, want[0], atol=1e-12, rtol=1e-12)
     per_sample = torch.func.vmap(torch.func.grad(log_p), in_dims=(None, 0))(params, x)
-    flow.zero_grad()
-    flow.log_prob(x[1:2]).sum().backward()
-    for k, p in flow.named_parameters():
-        want_p = torch.zeros_like(p) if p.grad is None else p.grad
-        torch.testing.assert_close(per_sample[k][1], want_p, atol=1e-10, rtol=1e-10)
+    assert_per_sample_gradients(flow, per_sample, [1], x)
 
 
 @pytest.mark.parametrize("name", IMAGE)

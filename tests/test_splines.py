@@ -412,18 +412,25 @@ def autograd_reference(x, uw, uh, ud, inverse, bound=B, mw=1e-3, mh=1e-3, md=1e-
     return torch.where(inside, out * 2 * bound - bound, x), torch.where(inside, lad, 0.0)
 
 
+def comparison_inputs(inverse, seed):
+    """300 inputs (two in the tails; for the inverse, their images), parameters of 6 bins, and
+    per-entry weights of ``y`` and ``lad``, with the generator that drew the weights."""
+    g = torch.Generator().manual_seed(seed)
+    n = 300
+    x = torch.cat([torch.tensor([-7.0, 6.0]), torch.linspace(-4.99, 4.99, n - 2)]).double()
+    w, h, d = params(n, 6, scale=1.5, seed=seed + 1)
+    if inverse:
+        x = rational_quadratic_spline(x, w, h, d)[0]
+    weights = torch.randn(2, n, generator=g, dtype=torch.float64)
+    return x, w, h, d, weights, g
+
+
 @pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize("which", ["y", "lad", "both"])
 def test_gradients_match_autograd_reference(inverse, which):
     # the hand-written backward against autograd through a direct implementation, for each
     # output alone (the other's gradient is then None) and both, inputs in the tails included
-    g = torch.Generator().manual_seed(11)
-    n, bins = 300, 6
-    x = torch.cat([torch.tensor([-7.0, 6.0]), torch.linspace(-4.99, 4.99, n - 2)]).double()
-    w, h, d = params(n, bins, scale=1.5, seed=12)
-    if inverse:
-        x = rational_quadratic_spline(x, w, h, d)[0]
-    weights = torch.randn(2, n, generator=g, dtype=torch.float64)
+    x, w, h, d, weights, _ = comparison_inputs(inverse, seed=11)
     grads = []
     for fn in (rational_quadratic_spline, autograd_reference):
         args = [t.clone().requires_grad_() for t in (x, w, h, d)]
@@ -440,13 +447,7 @@ def test_second_derivatives_match_autograd_reference(inverse):
     # with a graph of the gradient: the same first derivatives as the hand-written backward
     # and the second derivatives of autograd through a direct implementation (before, they
     # were silently 0: the hand-written gradient was a constant to autograd)
-    g = torch.Generator().manual_seed(13)
-    n, bins = 300, 6
-    x = torch.cat([torch.tensor([-7.0, 6.0]), torch.linspace(-4.99, 4.99, n - 2)]).double()
-    w, h, d = params(n, bins, scale=1.5, seed=14)
-    if inverse:
-        x = rational_quadratic_spline(x, w, h, d)[0]
-    weights = torch.randn(2, n, generator=g, dtype=torch.float64)
+    x, w, h, d, weights, g = comparison_inputs(inverse, seed=13)
     probes = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (x, w, h, d)]
     firsts, seconds = [], []
     for fn in (rational_quadratic_spline, autograd_reference):

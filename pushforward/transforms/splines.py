@@ -709,27 +709,38 @@ def _unconstrained(
         common = torch.promote_types(x.dtype, u.dtype)
         x, u = x.to(common), u.to(common)
     shape = torch.broadcast_shapes(x.shape, u.shape[:-1])
-    if under_functorch():
-        # torch.func (jacrev, hessian, vmap) cannot trace the hand-written Function: the same
-        # spline in plain differentiable operations
-        bins = (u.shape[-1] + 1) // 3
-        c = _make_constants(bins, bound, min_w, min_h, min_d, shift, u.dtype, u.device)
-        u = u.expand(*shape, u.shape[-1]).movedim(-1, 0)
-        return _differentiable_spline(u, x.expand(shape), inverse, c)
     # on the CPU, try one shift (0) for every logit instead of a maximum per row over strided
     # logits; the forward checks that it serves every row (elsewhere the check would cost a
     # device synchronisation)
-    shared = u.device.type == "cpu"
+    args = (inverse, bound, min_w, min_h, min_d, shift, u.device.type == "cpu")
     if u.dim() >= 3 and u.shape[:-1] == x.shape and u.movedim((-2, -1), (0, 1)).is_contiguous():
         # parameters laid out (features, P, *rest) (a MADE's transposed output): run the
         # spline with the batch in that order, (features, *rest), so that every parameter
         # row is read in contiguous runs; only x is copied (and the outputs are views)
-        args = (inverse, bound, min_w, min_h, min_d, shift, shared)
-        y, lad = _Spline.apply(u.movedim((-1, -2), (0, 1)), x.movedim(-1, 0).contiguous(), *args)
+        y, lad = _apply(u.movedim((-1, -2), (0, 1)), x.movedim(-1, 0).contiguous(), *args)
         return y.movedim(0, -1), lad.movedim(0, -1)
-    u = u.expand(*shape, u.shape[-1]).movedim(-1, 0)
-    y, lad = _Spline.apply(u, x.expand(shape), inverse, bound, min_w, min_h, min_d, shift, shared)
-    return y, lad
+    return _apply(u.expand(*shape, u.shape[-1]).movedim(-1, 0), x.expand(shape), *args)
+
+
+def _apply(
+    u: Tensor,
+    x: Tensor,
+    inverse: bool,
+    bound: float,
+    min_w: float,
+    min_h: float,
+    min_d: float,
+    shift: float,
+    shared: bool,
+) -> tuple[Tensor, Tensor]:
+    """:class:`_Spline` on ``u`` ``(3K - 1, *batch)`` and ``x`` ``(*batch)``; under a
+    ``torch.func`` transform (``jacrev``, ``hessian``, ``vmap``), which cannot trace the
+    hand-written Function, the same spline in plain differentiable operations."""
+    if under_functorch():
+        bins = (u.shape[0] + 1) // 3
+        c = _make_constants(bins, bound, min_w, min_h, min_d, shift, u.dtype, u.device)
+        return _differentiable_spline(u, x, inverse, c)
+    return _Spline.apply(u, x, inverse, bound, min_w, min_h, min_d, shift, shared)
 
 
 def rational_quadratic_spline(
